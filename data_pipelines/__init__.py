@@ -1,0 +1,1 @@
+"""Shard formats, object storage, Ray Data readers, preprocessing and dataset builders."""

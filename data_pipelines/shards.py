@@ -1,0 +1,207 @@
+"""Shard files and the dataset manifest.
+
+A dataset is a folder (local or S3) holding, per split, WebDataset tar shards
+`<split>/part-00000.tar` (members `<key>.png|jpg`, `<key>.txt`, `<key>.json`) or Parquet shards
+`<split>/part-00000.parquet` (columns key, image, image_ext, caption, meta), and a
+`manifest.json` at the root. The manifest is written last: a dataset without one is incomplete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipelines.storage import Location, StorageError, resolve
+
+MANIFEST_NAME = "manifest.json"
+ShardFormat = Literal["webdataset", "parquet"]
+SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
+
+
+@dataclass
+class Sample:
+    key: str
+    image: bytes  # encoded PNG/JPEG bytes
+    image_ext: str  # "png" | "jpg"
+    caption: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Skipped:
+    source: str
+    reason: str
+
+
+@dataclass
+class SplitInfo:
+    num_samples: int = 0
+    shards: list[str] = field(default_factory=list)  # relative to the dataset root
+
+
+@dataclass
+class Manifest:
+    format: ShardFormat
+    splits: dict[str, SplitInfo]
+    skipped: list[Skipped] = field(default_factory=list)
+    source: str = ""
+    extra: dict = field(default_factory=dict)  # builder-specific facts (e.g. held-out pairs)
+    created_unix: float = field(default_factory=time.time)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.splits.values())
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def to_json(self) -> str:
+        body = {
+            "format": self.format,
+            "num_samples": self.num_samples,
+            "num_skipped": self.num_skipped,
+            "splits": {name: asdict(info) for name, info in self.splits.items()},
+            "skipped": [asdict(s) for s in self.skipped],
+            "source": self.source,
+            "extra": self.extra,
+            "created_unix": self.created_unix,
+        }
+        return json.dumps(body, indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        body = json.loads(text)
+        return cls(
+            format=body["format"],
+            splits={k: SplitInfo(**v) for k, v in body["splits"].items()},
+            skipped=[Skipped(**s) for s in body.get("skipped", [])],
+            source=body.get("source", ""),
+            extra=body.get("extra", {}),
+            created_unix=body.get("created_unix", 0.0),
+        )
+
+
+def shard_name(split: str, index: int, fmt: ShardFormat) -> str:
+    return f"{split}/part-{index:05d}{SHARD_SUFFIX[fmt]}"
+
+
+def encode_webdataset_shard(samples: list[Sample]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for s in samples:
+            members = (
+                (f"{s.key}.{s.image_ext}", s.image),
+                (f"{s.key}.txt", s.caption.encode("utf-8")),
+                (f"{s.key}.json", json.dumps(s.meta).encode("utf-8")),
+            )
+            for name, payload in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                info.mtime = 0  # byte-identical shards for identical inputs
+                tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def encode_parquet_shard(samples: list[Sample]) -> bytes:
+    table = pa.table({
+        "key": [s.key for s in samples],
+        "image": pa.array([s.image for s in samples], type=pa.binary()),
+        "image_ext": [s.image_ext for s in samples],
+        "caption": [s.caption for s in samples],
+        "meta": [json.dumps(s.meta) for s in samples],
+    })
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def write_shard(root: Location, split: str, index: int, samples: list[Sample],
+                fmt: ShardFormat) -> str:
+    """Write one shard; returns its path relative to the dataset root."""
+    name = shard_name(split, index, fmt)
+    encode = encode_webdataset_shard if fmt == "webdataset" else encode_parquet_shard
+    root.join(name).write_bytes(encode(samples))
+    return name
+
+
+class ShardWriter:
+    """Streams samples of one split into fixed-size shards."""
+
+    def __init__(self, root: Location, split: str, fmt: ShardFormat, samples_per_shard: int):
+        self.root, self.split, self.fmt = root, split, fmt
+        self.samples_per_shard = samples_per_shard
+        self.info = SplitInfo()
+        self._pending: list[Sample] = []
+
+    def add(self, sample: Sample) -> None:
+        self._pending.append(sample)
+        if len(self._pending) >= self.samples_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        index = len(self.info.shards)
+        self.info.shards.append(write_shard(self.root, self.split, index, self._pending, self.fmt))
+        self.info.num_samples += len(self._pending)
+        self._pending = []
+
+
+def read_manifest(uri: str) -> Manifest:
+    root = resolve(uri)
+    location = root.join(MANIFEST_NAME)
+    if not location.exists():
+        raise StorageError(
+            f"no dataset at {uri} ({MANIFEST_NAME} missing); build one with "
+            "`unclip data shapes --out URI` or `unclip data ingest SRC --out URI`"
+        )
+    try:
+        return Manifest.from_json(location.read_text())
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StorageError(f"{location.uri} is not a valid manifest: {exc}") from None
+
+
+def manifest_hash(uri: str) -> str:
+    """A short content hash of the manifest, for lineage tags."""
+    text = resolve(uri).join(MANIFEST_NAME).read_bytes()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def check_output_free(out: Location, overwrite: bool) -> None:
+    """Refuse to write over an existing dataset unless asked, before any work starts."""
+    if out.join(MANIFEST_NAME).exists() and not overwrite:
+        raise StorageError(
+            f"{out.uri} already holds a dataset; choose another --out or pass --overwrite"
+        )
+
+
+def iter_webdataset_members(data: bytes):
+    """Yield (key, {ext: bytes}) groups from a tar shard, in file order."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        group_key, group = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            if base.startswith("."):
+                continue
+            prefix = member.name.rsplit("/", 1)[0] + "/" if "/" in member.name else ""
+            key, _, ext = base.partition(".")
+            key = prefix + key
+            if key != group_key and group:
+                yield group_key, group
+                group = {}
+            group_key = key
+            extracted = tar.extractfile(member)
+            group[ext.lower()] = extracted.read() if extracted else b""
+        if group:
+            yield group_key, group

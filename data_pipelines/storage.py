@@ -1,0 +1,168 @@
+"""Object storage behind one URI form: a local path or `s3://bucket/prefix`.
+
+The S3 endpoint, region and credentials come only from the standard AWS environment
+(AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID,
+...), so boto3, pyarrow and Ray all read the same settings. Nothing here logs a credential.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """A storage problem phrased for the user (never includes credentials)."""
+
+
+def is_s3_uri(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    return _s3_filesystem(s3_endpoint(), s3_region())
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: a pyarrow filesystem and the path inside it (no scheme)."""
+
+    uri: str
+    filesystem: pafs.FileSystem
+    path: str
+
+    @property
+    def is_s3(self) -> bool:
+        return is_s3_uri(self.uri)
+
+    def join(self, *parts: str) -> Location:
+        joined_uri = posixpath.join(self.uri.rstrip("/"), *parts)
+        return Location(joined_uri, self.filesystem, posixpath.join(self.path, *parts))
+
+    def exists(self) -> bool:
+        try:
+            return self.filesystem.get_file_info(self.path).type != pafs.FileType.NotFound
+        except OSError as exc:
+            raise StorageError(_describe(exc, self.uri)) from None
+
+    def is_dir(self) -> bool:
+        try:
+            return self.filesystem.get_file_info(self.path).type == pafs.FileType.Directory
+        except OSError as exc:
+            raise StorageError(_describe(exc, self.uri)) from None
+
+    def read_bytes(self) -> bytes:
+        try:
+            with self.filesystem.open_input_stream(self.path) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.uri}") from None
+        except OSError as exc:
+            raise StorageError(_describe(exc, self.uri)) from None
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_bytes(self, data: bytes) -> None:
+        """Whole-object write; local files go through a temp name + rename (atomic)."""
+        try:
+            if self.is_s3:
+                with self.filesystem.open_output_stream(self.path) as out:
+                    out.write(data)
+                return
+            target = Path(self.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise StorageError(_describe(exc, self.uri)) from None
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def list_files(self, recursive: bool = True) -> list[str]:
+        """Paths (filesystem-relative, no scheme) of files under this location, sorted."""
+        try:
+            infos = self.filesystem.get_file_info(
+                pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True)
+            )
+        except OSError as exc:
+            raise StorageError(_describe(exc, self.uri)) from None
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+    def delete(self) -> None:
+        """Remove this file or folder (prefix) if present."""
+        try:
+            info = self.filesystem.get_file_info(self.path)
+            if info.type == pafs.FileType.Directory:
+                self.filesystem.delete_dir(self.path)
+            elif info.type == pafs.FileType.File:
+                self.filesystem.delete_file(self.path)
+        except OSError as exc:
+            raise StorageError(_describe(exc, self.uri)) from None
+
+    def uri_for(self, fs_path: str) -> str:
+        """The URI of a filesystem path found under this location."""
+        return f"s3://{fs_path}" if self.is_s3 else fs_path
+
+
+def resolve(uri: str) -> Location:
+    """Parse a storage URI; bad schemes and empty buckets fail with one clear line."""
+    if not uri or not uri.strip():
+        raise StorageError("empty storage URI; give a local folder or s3://bucket/prefix")
+    if is_s3_uri(uri):
+        rest = uri[len("s3://"):].strip("/")
+        bucket = rest.split("/", 1)[0]
+        if not bucket:
+            raise StorageError(f"bad URI {uri!r}: no bucket; use s3://bucket/prefix")
+        return Location(uri.rstrip("/"), s3_filesystem(), rest)
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise StorageError(
+            f"unsupported URI scheme '{scheme}://' in {uri!r}; use a local path or s3://bucket/prefix"
+        )
+    path = str(Path(uri).expanduser().absolute())
+    return Location(path, pafs.LocalFileSystem(), path)
+
+
+def _describe(exc: OSError, uri: str) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for secret_var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        secret = os.environ.get(secret_var)
+        if secret:
+            text = text.replace(secret, "***")
+    hint = ""
+    if is_s3_uri(uri):
+        if "NoSuchBucket" in text or "does not exist" in text.lower():
+            hint = "; create the bucket or fix the URI"
+        elif "credential" in text.lower() or "AccessDenied" in text:
+            hint = "; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment"
+        else:
+            hint = "; check AWS_ENDPOINT_URL_S3 / network access to the S3 endpoint"
+    return f"storage error on {uri}: {text}{hint}"

@@ -1,0 +1,171 @@
+"""Ray Data datasets over image-caption shards (local or S3), preprocessed for training.
+
+Decoding, crop/resize/flip, scaling to [-1, 1] and caption tokenisation run as Ray Data tasks,
+not in the training workers. Augmentation randomness is derived from (seed, epoch, sample key),
+so an epoch is reproducible whichever worker or block a sample lands on; that is what
+mid-epoch resumption will build on. Bad records are dropped and counted against an error
+budget held by a small actor; past the budget the dataset fails with one clear line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+import numpy as np
+import ray
+from PIL import Image
+
+from data_pipelines.images import BadImage, decode_image
+from data_pipelines.settings import PreprocessSettings
+from data_pipelines.shards import read_manifest
+from data_pipelines.storage import StorageError, resolve
+
+MIN_SEEN_FOR_BUDGET = 64  # don't judge the error rate on a handful of samples
+
+
+class BadRecordBudgetExceeded(RuntimeError):
+    pass
+
+
+@ray.remote(num_cpus=0)
+class BadRecordCounter:
+    """Counts seen and dropped records across all preprocessing tasks of one dataset."""
+
+    def __init__(self, max_fraction: float):
+        self.max_fraction, self.seen, self.bad = max_fraction, 0, 0
+        self.reasons: list[str] = []
+
+    def record(self, seen: int, bad: int, reasons: list[str]) -> tuple[int, int, bool]:
+        self.seen += seen
+        self.bad += bad
+        self.reasons.extend(reasons[: max(0, 5 - len(self.reasons))])
+        over = self.seen >= MIN_SEEN_FOR_BUDGET and self.bad > self.max_fraction * self.seen
+        return self.seen, self.bad, over
+
+    def summary(self) -> dict:
+        return {"seen": self.seen, "bad": self.bad, "reasons": self.reasons}
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(context_length: int):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
+
+
+def tokenize(captions: list[str], context_length: int) -> np.ndarray:
+    return _tokenizer(context_length)(list(captions), context_length=context_length).numpy()
+
+
+def _sample_rng(key: str, seed: int, epoch: int) -> np.random.Generator:
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def preprocess_image(image: Image.Image, settings: PreprocessSettings, rng: np.random.Generator,
+                     train: bool) -> np.ndarray:
+    """PIL RGB -> float32 CHW in [-1, 1]: (random crop, then) resize, random flip."""
+    size = settings.image_size
+    if train and settings.random_crop:
+        w, h = image.size
+        area = w * h * rng.uniform(*settings.crop_scale)
+        side = int(round(min(np.sqrt(area), w, h)))
+        left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        image = image.crop((left, top, left + side, top + side))
+    else:  # centre square crop keeps the aspect ratio honest
+        w, h = image.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    if train and settings.hflip and rng.random() < 0.5:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _image_column(batch: dict) -> tuple[str, list]:
+    for ext in ("png", "jpg", "jpeg", "webp", "image"):
+        if ext in batch:
+            return ext, list(batch[ext])
+    raise KeyError(f"no image column among {sorted(batch)}")
+
+
+def _caption_of(batch: dict, index: int) -> str:
+    for column in ("txt", "caption"):
+        if column in batch:
+            value = batch[column][index]
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return ""
+
+
+def preprocess_batch(batch: dict, *, settings: PreprocessSettings, train: bool, seed: int,
+                     epoch: int, counter=None) -> dict:
+    keys = [str(k) for k in batch.get("__key__", batch.get("key"))]
+    _, images = _image_column(batch)
+    out_keys, captions, arrays, reasons = [], [], [], []
+    for index, (key, data) in enumerate(zip(keys, images, strict=True)):
+        caption = _caption_of(batch, index).strip()
+        try:
+            if data is None or not caption:
+                raise BadImage("missing image or caption")
+            image = decode_image(bytes(data))
+        except BadImage as exc:
+            reasons.append(f"{key}: {exc}")
+            continue
+        arrays.append(preprocess_image(image, settings, _sample_rng(key, seed, epoch), train))
+        out_keys.append(key)
+        captions.append(caption)
+    if counter is not None and reasons:
+        seen, bad, over = ray.get(counter.record.remote(len(keys), len(reasons), reasons))
+        if over:
+            raise BadRecordBudgetExceeded(
+                f"{bad} of {seen} records unreadable so far (first: {reasons[0]}); "
+                "raise data.max_skip_fraction or fix the shards"
+            )
+    elif counter is not None:
+        counter.record.remote(len(keys), 0, [])
+    size, length = settings.image_size, settings.context_length
+    return {
+        "key": np.array(out_keys, dtype=object),
+        "caption": np.array(captions, dtype=object),
+        "image": np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.float32),
+        "tokens": tokenize(captions, length) if captions else np.zeros((0, length), np.int64),
+    }
+
+
+def shard_uris(uri: str, split: str) -> tuple[object, list[str], str]:
+    """(pyarrow filesystem, shard paths, format) for one split of a dataset."""
+    manifest = read_manifest(uri)
+    if split not in manifest.splits:
+        raise StorageError(
+            f"dataset {uri} has no split '{split}' (it has: {', '.join(manifest.splits)})"
+        )
+    root = resolve(uri)
+    paths = [root.join(name).path for name in manifest.splits[split].shards]
+    return root.filesystem, paths, manifest.format
+
+
+def image_caption_dataset(uri: str, split: str, settings: PreprocessSettings, *,
+                          train: bool = True, seed: int = 0, epoch: int = 0,
+                          max_skip_fraction: float = 0.01,
+                          shuffle_files: bool = False) -> ray.data.Dataset:
+    """Preprocessed rows {key, caption, image [3,H,W] float32, tokens [L] int64}."""
+    filesystem, paths, fmt = shard_uris(uri, split)
+    if shuffle_files:  # a seeded permutation per epoch keeps the order reproducible
+        order = np.random.default_rng([seed, epoch]).permutation(len(paths))
+        paths = [paths[i] for i in order]
+    if fmt == "webdataset":
+        dataset = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None)
+    else:
+        dataset = ray.data.read_parquet(paths, filesystem=filesystem,
+                                        columns=["key", "image", "caption"])
+    counter = BadRecordCounter.remote(max_skip_fraction)
+    return dataset.map_batches(
+        preprocess_batch,
+        batch_size=128,
+        fn_kwargs={"settings": settings, "train": train, "seed": seed, "epoch": epoch,
+                   "counter": counter},
+    )

@@ -1,0 +1,168 @@
+"""The `unclip` command line. Every command validates its config before touching Ray."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orchestration.config import Config, ConfigError, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Train and serve unCLIP text-to-image models on Ray.")
+data_app = typer.Typer(no_args_is_help=True, help="Build, import and inspect datasets.")
+app.add_typer(data_app, name="data")
+
+ConfigOpt = Annotated[str | None, typer.Option(
+    "--config", "-c", help="YAML config file or shipped name (default: tiny)")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a config key: --set clip.steps=100 (repeatable)")]
+
+
+class UserError(Exception):
+    """Anything the user can fix; printed as one line, exit code 2."""
+
+
+def _config(config: str | None, overrides: list[str] | None) -> Config:
+    return load_config(config, overrides or [])
+
+
+def echo(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _progress(label: str):
+    start = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.monotonic() - start
+        eta = elapsed / done * (total - done) if done else 0.0
+        echo(f"{label}: {done}/{total} ({elapsed:.1f}s elapsed, ETA {eta:.0f}s)")
+
+    return report
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Annotated[str | None, typer.Option(help="Output URI (default: data.uri)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    train_size: Annotated[int | None, typer.Option(help="Train images (paper: 20000)")] = None,
+    test_size: Annotated[int | None, typer.Option(help="Test images (paper: 2000)")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Image side in pixels")] = None,
+    position: Annotated[bool | None, typer.Option(
+        "--position/--no-position", help="Mention positions in captions")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="webdataset|parquet")] = None,
+    seed: Annotated[int | None, typer.Option(help="Dataset seed")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset")] = False,
+) -> None:
+    """Render seed 001's coloured-shapes dataset into shards (in parallel on Ray)."""
+    from data_pipelines.shapes import build_shapes
+    from orchestration.ray_runtime import connect
+
+    overrides = list(set_ or [])
+    for key, value in (("train_size", train_size), ("test_size", test_size),
+                       ("image_size", image_size), ("include_position", position),
+                       ("seed", seed)):
+        if value is not None:
+            overrides.append(f"data.shapes.{key}={value}")
+    if fmt is not None:
+        overrides.append(f"data.format={fmt}")
+    if out is not None:
+        overrides.append(f"data.uri={out}")
+    cfg = _config(config, overrides)
+    connect(cfg)
+    start = time.monotonic()
+    manifest = build_shapes(cfg.data.uri, cfg.data.shapes, fmt=cfg.data.format,
+                            overwrite=overwrite, progress=_progress("shards"))
+    seconds = time.monotonic() - start
+    echo(f"wrote {manifest.num_samples} samples "
+         f"({', '.join(f'{k}={v.num_samples}' for k, v in manifest.splits.items())}) "
+         f"to {cfg.data.uri} in {seconds:.1f}s ({manifest.num_samples / seconds:.0f} images/s)")
+
+
+@data_app.command("ingest")
+def data_ingest(
+    src: Annotated[str, typer.Argument(help="Image folder, WebDataset shards or Parquet (local or s3://)")],
+    out: Annotated[str, typer.Option(help="Output dataset URI (local or s3://)")],
+    fmt: Annotated[str, typer.Option("--format", help="webdataset|parquet")] = "webdataset",
+    test_fraction: Annotated[float, typer.Option(help="Share of samples put in test")] = 0.1,
+    max_skip_fraction: Annotated[float, typer.Option(
+        help="Fail if more than this share of images is unreadable")] = 0.01,
+    samples_per_shard: Annotated[int, typer.Option(help="Samples per shard")] = 1000,
+    seed: Annotated[int, typer.Option(help="Split seed")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset")] = False,
+) -> None:
+    """Import images + captions a user has into shards, skipping and recording bad files."""
+    from data_pipelines.ingest import ingest
+
+    if fmt not in ("webdataset", "parquet"):
+        raise UserError(f"--format {fmt!r}: use webdataset or parquet")
+    if not 0 <= test_fraction < 1:
+        raise UserError(f"--test-fraction {test_fraction}: must be in [0, 1)")
+    manifest = ingest(src, out, fmt=fmt, samples_per_shard=samples_per_shard,
+                      test_fraction=test_fraction, max_skip_fraction=max_skip_fraction,
+                      seed=seed, overwrite=overwrite)
+    echo(f"wrote {manifest.num_samples} samples, skipped {manifest.num_skipped}, to {out}")
+    for item in manifest.skipped[:10]:
+        echo(f"  skipped {item.source}: {item.reason}")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    uri: Annotated[str, typer.Argument(help="Dataset URI (local or s3://)")],
+    sheet: Annotated[str, typer.Option(help="Contact-sheet PNG to write")] = "contact_sheet.png",
+    samples: Annotated[int, typer.Option(help="Samples on the sheet")] = 16,
+    seed: Annotated[int, typer.Option(help="Which random samples")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Counts, caption statistics and skipped reasons, plus a contact sheet of samples."""
+    from data_pipelines.inspect_dataset import format_report, inspect_dataset
+
+    report = inspect_dataset(uri, contact_sheet=sheet, num_samples=samples, seed=seed)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    echo(f"contact sheet: {Path(sheet).absolute()}")
+
+
+@app.command("stream")
+def stream(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    split: Annotated[str, typer.Option(help="Which split to stream")] = "train",
+    batch_size: Annotated[int, typer.Option(help="Batch size")] = 64,
+    workers: Annotated[int, typer.Option(help="Consumers (streaming_split)")] = 1,
+) -> None:
+    """Stream a dataset through Ray Data preprocessing and report throughput."""
+    from orchestration.data_check import ensure_dataset, measure_stream
+    from orchestration.ray_runtime import connect
+
+    cfg = _config(config, set_)
+    connect(cfg)
+    ensure_dataset(cfg, log=echo)
+    stats = measure_stream(cfg, split=split, batch_size=batch_size, num_consumers=workers)
+    typer.echo(json.dumps(stats, indent=2))
+
+
+def main() -> None:
+    from data_pipelines.storage import StorageError
+
+    known = (UserError, ConfigError, StorageError)
+    try:
+        from data_pipelines.ingest import IngestError
+
+        known = (*known, IngestError)
+    except ImportError:  # pragma: no cover - ingest is part of the package
+        pass
+    try:
+        app()
+    except known as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The one YAML config schema, validated before any cluster resource is taken.
+
+`load_config(path, overrides)` reads a YAML file, applies `--set a.b=c` overrides, validates
+with pydantic and turns every error into one `ConfigError` line naming the key and the fix.
+Relative local paths are made absolute against the current directory at load time, so Ray
+workers (whose working directory differs) write to the same place the user asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from data_pipelines.settings import PreprocessSettings, ShapesSettings
+from data_pipelines.storage import is_s3_uri
+
+REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny"
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line a user can act on."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: $RAY_ADDRESS if set, else a local Ray instance
+    num_cpus: int | None = Field(None, ge=1)  # cap for a local instance only
+
+
+class DataConfig(Strict):
+    uri: str = "data/shapes"
+    format: Literal["webdataset", "parquet"] = "webdataset"
+    build_shapes_if_missing: bool = False
+    shapes: ShapesSettings = ShapesSettings()
+    preprocess: PreprocessSettings = PreprocessSettings()
+    max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    embeddings_uri: str | None = None  # default: <uri>/embeddings
+
+    @property
+    def resolved_embeddings_uri(self) -> str:
+        return self.embeddings_uri or self.uri.rstrip("/") + "/embeddings"
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=-1)  # -1: retry forever
+
+
+class DeepSpeedConfig(Strict):
+    zero_stage: int = Field(0, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+class OptimConfig(Strict):
+    lr: float = Field(3e-4, gt=0)  # seed 000: 3e-4 best, > 1e-3 diverged
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)  # seed 000: no warm-up was best
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+
+
+class StageConfig(Strict):
+    preset: str
+    overrides: dict[str, Any] = {}
+    batch_size: int = Field(64, ge=1)  # per worker
+    steps: int = Field(500, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    optim: OptimConfig = OptimConfig()
+    log_every: int = Field(20, ge=1)
+    eval_every: int = Field(250, ge=1)
+    checkpoint_every: int = Field(250, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    init_from: str | None = None  # portable weights dir/file or models:/NAME@alias to fine-tune
+
+
+class SamplingConfig(Strict):
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    prior_steps: int | None = Field(None, ge=1)
+    decoder_steps: int | None = Field(50, ge=1)
+    prior_guidance: float = Field(1.0, ge=0)
+    decoder_guidance: float = Field(2.0, ge=0)  # seed 001: best FID/KID at 2..2.5
+    eta: float = Field(0.0, ge=0)
+    num_candidates: int = Field(2, ge=1)  # best-of-N prior samples (seed 001, alg. 5)
+
+
+class EvalConfig(Strict):
+    num_captions: int = Field(32, ge=2)
+    images_per_caption: int = Field(1, ge=1)
+    grid_prompts: list[str] = [
+        "a large red circle",
+        "a small blue square",
+        "a green triangle and a yellow ellipse",
+        "a medium purple pentagon",
+    ]
+
+
+class MlflowConfig(Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "unclip"
+    registered_model: str = "unclip-shapes"
+    promote_metric: str = "eval/fd_clip"
+    promote_direction: Literal["minimize", "maximize"] = "minimize"
+
+
+class Config(Strict):
+    run_name: str = Field("unclip", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    storage_root: str = "runs"  # checkpoints and outputs: local folder or s3://bucket/prefix
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    clip: StageConfig = StageConfig(preset="shapes-tiny")
+    prior: StageConfig = StageConfig(preset="shapes-tiny")
+    decoder: StageConfig = StageConfig(preset="shapes-tiny")
+    sampling: SamplingConfig = SamplingConfig()
+    eval: EvalConfig = EvalConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Config:
+        ds, sc = self.deepspeed, self.scaling
+        if ds.precision == "fp16" and not sc.use_gpu:
+            raise ValueError(
+                "deepspeed.precision: fp16 needs a GPU; use fp32 or auto with scaling.use_gpu=false"
+            )
+        if ds.offload_params and ds.zero_stage != 3:
+            raise ValueError(
+                "deepspeed.offload_params: parameter offload needs zero_stage 3; "
+                "set deepspeed.zero_stage=3 or offload_params=false"
+            )
+        if ds.offload_optimizer and ds.zero_stage == 0:
+            raise ValueError(
+                "deepspeed.offload_optimizer: optimizer offload needs zero_stage >= 1"
+            )
+        if _has_credentials(self.mlflow.tracking_uri):
+            raise ValueError(
+                "mlflow.tracking_uri: credentials in the URI; put them in "
+                "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+            )
+        for name, uri in self.storage_uris().items():
+            if _has_credentials(uri):
+                raise ValueError(
+                    f"{name}: credentials in the URI; put them in AWS_ACCESS_KEY_ID/"
+                    "AWS_SECRET_ACCESS_KEY in the environment"
+                )
+        return self
+
+    def storage_uris(self) -> dict[str, str]:
+        return {
+            "data.uri": self.data.uri,
+            "data.embeddings_uri": self.data.resolved_embeddings_uri,
+            "storage_root": self.storage_root,
+        }
+
+    def stage(self, name: str) -> StageConfig:
+        return getattr(self, name)
+
+
+def _has_credentials(uri: str) -> bool:
+    return bool(re.match(r"^[a-z0-9+]+://[^/@]+:[^/@]*@", uri))
+
+
+def resolve_config_path(path: str | os.PathLike | None) -> Path:
+    """A file path, or the name of a config shipped in the repo's configs/ ("tiny")."""
+    raw = str(path) if path is not None else DEFAULT_CONFIG
+    candidate = Path(raw)
+    if candidate.is_file():
+        return candidate
+    for shipped in (REPO_CONFIG_DIR / raw, REPO_CONFIG_DIR / f"{raw}.yaml",
+                    REPO_CONFIG_DIR / candidate.name):
+        if shipped.is_file():
+            return shipped
+    known = ", ".join(sorted(p.stem for p in REPO_CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {raw} (shipped configs: {known})")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set clip.steps=100")
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key segment in {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return (
+            f"config error in {source}: unknown key '{key}'; remove it or check the spelling "
+            f"(see configs/tiny.yaml for every key)"
+        )
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error" or key == "(top level)":
+        return f"config error in {source}: {msg}"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"config error in {source}: {key}: {msg}{shown}; fix it in the file or with --set {key}=..."
+
+
+def _absolutise(uri: str) -> str:
+    if is_s3_uri(uri) or "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().absolute())
+
+
+def _absolutise_sqlite(uri: str) -> str:
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).absolute())
+    if "://" not in uri:  # a bare folder: MLflow's file store
+        return str(Path(uri).absolute())
+    return uri
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                *, absolute_paths: bool = True) -> Config:
+    config_path = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file {config_path}{where} is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {config_path} must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, str(config_path))) from None
+    if absolute_paths:
+        config = absolutised(config)
+    return config
+
+
+def absolutised(config: Config) -> Config:
+    data = config.model_copy(deep=True)
+    data.data.uri = _absolutise(data.data.uri)
+    if data.data.embeddings_uri:
+        data.data.embeddings_uri = _absolutise(data.data.embeddings_uri)
+    data.storage_root = _absolutise(data.storage_root)
+    data.mlflow.tracking_uri = _absolutise_sqlite(data.mlflow.tracking_uri)
+    return data
+
+
+def flatten(config: Config) -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params (values cut to MLflow's 500 chars)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(value)[:500]
+
+    walk("", config.model_dump(mode="json"))
+    return out
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Ray Tune search spaces and sweeps (learning rate, warm-up, guidance scale)."""
