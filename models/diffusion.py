@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -19,29 +19,29 @@ from models.respace import respaced_betas, spaced_timesteps
 Denoiser = Callable[..., torch.Tensor]
 
 
-class ModelMeanType(str, Enum):
+class ModelMeanType(StrEnum):
     EPSILON = "epsilon"  # predict the added noise
     START_X = "start_x"  # predict x_0 directly (DALL-E 2 prior)
     VELOCITY = "velocity"  # predict v = sqrt(abar) eps - sqrt(1 - abar) x_0
 
 
-class ModelVarType(str, Enum):
+class ModelVarType(StrEnum):
     FIXED_SMALL = "fixed_small"  # posterior variance beta~_t
     FIXED_LARGE = "fixed_large"  # beta_t
     LEARNED_RANGE = "learned_range"  # interpolate log-variance between the two (seed 003)
 
 
-class LossType(str, Enum):
+class LossType(StrEnum):
     MSE = "mse"
     HYBRID = "hybrid"  # L_simple + lambda L_vlb, lambda = 1e-3 (Nichol & Dhariwal)
 
 
-class Sampler(str, Enum):
+class Sampler(StrEnum):
     DDPM = "ddpm"
     DDIM = "ddim"
 
 
-class Thresholding(str, Enum):
+class Thresholding(StrEnum):
     NONE = "none"
     STATIC = "static"  # clamp predicted x_0 to [-1, 1]
     DYNAMIC = "dynamic"  # Imagen: divide by the per-sample percentile of |x_0| when above 1
@@ -51,10 +51,11 @@ def beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
     """Betas (float64) for a "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal) schedule."""
     if name == "linear":
         scale = 1000.0 / num_timesteps  # keeps the end points sensible for any T
-        return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+        return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64,
+                              device="cpu")
     if name == "cosine":
         s = 0.008
-        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64, device="cpu") / num_timesteps
         alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
     raise ValueError(f"unknown beta schedule {name!r}; use 'linear' or 'cosine'")
@@ -62,7 +63,7 @@ def beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
 
 def _gather(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """values[t] shaped to broadcast over x, in float32 on x's device."""
-    out = values.to(device=t.device)[t].float()
+    out = values.to(device=t.device, dtype=torch.float32)[t]
     return out.reshape(-1, *([1] * (x.dim() - 1))).to(x.device)
 
 
@@ -133,10 +134,13 @@ class GaussianDiffusion:
         self.model_mean_type = ModelMeanType(model_mean_type)
         self.model_var_type = ModelVarType(model_var_type)
         self.loss_type = LossType(loss_type)
-        if (self.loss_type is LossType.HYBRID) != (self.model_var_type is ModelVarType.LEARNED_RANGE):
+        learned_variance = self.model_var_type is ModelVarType.LEARNED_RANGE
+        if (self.loss_type is LossType.HYBRID) != learned_variance:
             raise ValueError("the hybrid loss trains the variance: use LossType.HYBRID exactly "
                              "when model_var_type is LEARNED_RANGE")
-        betas = torch.as_tensor(betas, dtype=torch.float64)
+        # Schedules live on the CPU in float64 (also under a meta/cuda default device);
+        # `_gather` moves the few values a step needs.
+        betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")
         if betas.dim() != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
         self.betas = betas
@@ -144,7 +148,7 @@ class GaussianDiffusion:
         # Respaced chains call the network with the original timesteps it was trained on.
         self.timestep_map = torch.as_tensor(
             timestep_map if timestep_map is not None else range(self.num_timesteps),
-            dtype=torch.long)
+            dtype=torch.long, device="cpu")
 
         alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(alphas, dim=0)

@@ -22,6 +22,7 @@ def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 def respaced_betas(alphas_cumprod: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
     """Betas of the shorter chain whose cumulative products equal alphas_cumprod[timesteps]."""
-    kept = alphas_cumprod[torch.as_tensor(timesteps, dtype=torch.long)]
+    index = torch.as_tensor(timesteps, dtype=torch.long, device=alphas_cumprod.device)
+    kept = alphas_cumprod[index]
     previous = torch.cat([kept.new_ones(1), kept[:-1]])
     return 1.0 - kept / previous

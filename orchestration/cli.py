@@ -148,18 +148,12 @@ def stream(
 
 
 def main() -> None:
+    from data_pipelines.ingest import IngestError
     from data_pipelines.storage import StorageError
 
-    known = (UserError, ConfigError, StorageError)
-    try:
-        from data_pipelines.ingest import IngestError
-
-        known = (*known, IngestError)
-    except ImportError:  # pragma: no cover - ingest is part of the package
-        pass
     try:
         app()
-    except known as exc:
+    except (UserError, ConfigError, StorageError, IngestError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

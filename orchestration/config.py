@@ -148,6 +148,11 @@ class Config(Strict):
             raise ValueError(
                 "deepspeed.offload_optimizer: optimizer offload needs zero_stage >= 1"
             )
+        if self.data.shapes.include_position and self.data.preprocess.hflip:
+            raise ValueError(
+                "data.preprocess.hflip: flipping swaps left and right in position captions; "
+                "set data.preprocess.hflip=false or data.shapes.include_position=false"
+            )
         if _has_credentials(self.mlflow.tracking_uri):
             raise ValueError(
                 "mlflow.tracking_uri: credentials in the URI; put them in "
@@ -232,7 +237,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         return f"config error in {source}: {msg}"
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"config error in {source}: {key}: {msg}{shown}; fix it in the file or with --set {key}=..."
+    return (f"config error in {source}: {key}: {msg}{shown}; "
+            f"fix it in the file or with --set {key}=...")
 
 
 def _absolutise(uri: str) -> str:
