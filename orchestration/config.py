@@ -61,7 +61,8 @@ class DeepSpeedConfig(Strict):
     zero_stage: int = Field(0, ge=0, le=3)
     offload_optimizer: bool = False
     offload_params: bool = False
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 autocast on GPU, fp32 on CPU. bf16 keeps fp32 master weights (torch autocast).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class OptimConfig(Strict):
@@ -135,10 +136,6 @@ class Config(Strict):
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
         ds, sc = self.deepspeed, self.scaling
-        if ds.precision == "fp16" and not sc.use_gpu:
-            raise ValueError(
-                "deepspeed.precision: fp16 needs a GPU; use fp32 or auto with scaling.use_gpu=false"
-            )
         if ds.offload_params and ds.zero_stage != 3:
             raise ValueError(
                 "deepspeed.offload_params: parameter offload needs zero_stage 3; "
