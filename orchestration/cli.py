@@ -147,6 +147,37 @@ def stream(
     typer.echo(json.dumps(stats, indent=2))
 
 
+@app.command("train")
+def train(
+    stage: Annotated[str, typer.Argument(help="clip | prior | decoder")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train one stage as a Ray Train + DeepSpeed job (resumes a run of the same name)."""
+    from orchestration.training_job import STAGES, run_stage
+
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    cfg = _config(config, set_)
+    result = run_stage(cfg, stage, log=echo)
+    typer.echo(json.dumps({"stage": stage, "run_id": result.run_id,
+                           "weights": result.portable_uri,
+                           "metrics": _scalars(result.final_metrics)}, indent=2))
+
+
+@app.command("embed")
+def embed(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Write CLIP embedding shards (Parquet) for every split, with a manifest."""
+    from orchestration.embed_job import run_embed
+
+    manifest = run_embed(_config(config, set_), log=echo)
+    typer.echo(json.dumps(manifest, indent=2))
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
 def main() -> None:
     from data_pipelines.ingest import IngestError
     from data_pipelines.storage import StorageError

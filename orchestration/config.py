@@ -44,6 +44,7 @@ class DataConfig(Strict):
     preprocess: PreprocessSettings = PreprocessSettings()
     max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0)
     embeddings_uri: str | None = None  # default: <uri>/embeddings
+    embed_token_encodings: bool = True  # per-token CLIP text encodings for the prior
 
     @property
     def resolved_embeddings_uri(self) -> str:
@@ -135,7 +136,7 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
-        ds, sc = self.deepspeed, self.scaling
+        ds = self.deepspeed
         if ds.offload_params and ds.zero_stage != 3:
             raise ValueError(
                 "deepspeed.offload_params: parameter offload needs zero_stage 3; "

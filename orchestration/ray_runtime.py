@@ -6,11 +6,20 @@ import logging
 import os
 
 import ray
+import ray.data
 
 from orchestration.config import Config
 
 
+def quiet_ray_data() -> None:
+    """Our own progress lines replace Ray Data's per-operator progress bars."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
 def connect(config: Config | None = None) -> None:
+    quiet_ray_data()
     if ray.is_initialized():
         return
     address = (config.ray.address if config else None) or os.environ.get("RAY_ADDRESS")

@@ -1,0 +1,88 @@
+"""`unclip embed`: Ray Data batch inference with the trained CLIP over the image shards.
+
+An actor pool (GPUs when configured) loads the CLIP's portable weights once per actor and
+writes Parquet embedding shards next to the dataset: key, caption, image_emb, text_emb and,
+optionally, the per-token text encodings the prior reads. A manifest is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from data_pipelines.shards import manifest_hash
+from data_pipelines.storage import resolve
+from data_pipelines.streaming import image_caption_dataset
+from models.clip_model import encode_text_with_tokens
+from orchestration.config import Config
+from orchestration.data_check import ensure_dataset
+from orchestration.ray_runtime import connect
+from orchestration.tasks import load_portable
+from orchestration.training_job import _require_stage
+
+BATCH_SIZE = 256
+
+
+class ClipEmbedder:
+    """Ray Data actor: one CLIP per actor, reused for every batch."""
+
+    def __init__(self, clip_uri: str, with_tokens: bool, use_gpu: bool):
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        _, clip = load_portable(clip_uri, map_location=self.device)
+        self.clip = clip.eval().requires_grad_(False)
+        self.with_tokens = with_tokens
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        images = torch.from_numpy(batch["image"]).to(self.device)
+        tokens = torch.from_numpy(batch["tokens"]).to(self.device)
+        text_emb, encodings = encode_text_with_tokens(self.clip, tokens)
+        out = {"key": batch["key"], "caption": batch["caption"],
+               "image_emb": self.clip.encode_image(images).float().cpu().numpy(),
+               "text_emb": text_emb.float().cpu().numpy()}
+        if self.with_tokens:
+            out["text_tokens"] = encodings.float().cpu().numpy().astype(np.float16)
+        return out
+
+
+def run_embed(config: Config, *, log=print) -> dict:
+    connect(config)
+    ensure_dataset(config, log=log)
+    clip_uri = _require_stage(config, "clip", "the embedding job")
+    out = resolve(config.data.resolved_embeddings_uri)
+    manifest = {"clip": clip_uri, "dataset": config.data.uri,
+                "dataset_manifest_hash": manifest_hash(config.data.uri), "splits": {}}
+    start = time.monotonic()
+    for split in ("train", "test"):
+        target = out.join(split)
+        target.delete()  # a rerun replaces the split whole; the manifest is rewritten last
+        dataset = image_caption_dataset(config.data.uri, split, config.data.preprocess,
+                                        train=False, seed=config.seed,
+                                        max_skip_fraction=config.data.max_skip_fraction)
+        embedded = dataset.map_batches(
+            ClipEmbedder, batch_size=BATCH_SIZE,
+            fn_constructor_kwargs={"clip_uri": clip_uri,
+                                   "with_tokens": config.data.embed_token_encodings,
+                                   "use_gpu": config.scaling.use_gpu},
+            compute=_actor_pool(config), num_gpus=1 if config.scaling.use_gpu else 0)
+        embedded.write_parquet(target.path, filesystem=target.filesystem)
+        files = [p for p in target.list_files() if p.endswith(".parquet")]
+        rows = sum(pq.ParquetFile(target.filesystem.open_input_file(p)).metadata.num_rows
+                   for p in files)
+        manifest["splits"][split] = {"num_samples": rows,
+                                     "shards": [p.rsplit("/", 1)[-1] for p in files]}
+        log(f"[embed] {split}: {rows} rows in {len(files)} shards at {target.uri}")
+    manifest["seconds"] = round(time.monotonic() - start, 1)
+    out.join("manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _actor_pool(config: Config):
+    from ray.data import ActorPoolStrategy
+
+    size = max(1, config.scaling.num_workers)
+    return ActorPoolStrategy(min_size=1, max_size=size)

@@ -1,0 +1,271 @@
+"""The MLflow Model Registry side: register a pipeline, gate promotion, resolve model URIs.
+
+A version is a pyfunc (orchestration/pyfunc_model.py) whose artifacts are the saved pipeline
+directory plus a copy of the `models` package, so it loads where only the model exists.
+Lineage (component runs, dataset and manifest hash) and evaluation metrics are version tags,
+because the promotion gate and `unclip models list` read them without touching the runs.
+MLflow 3 aliases replace stages: new versions get `candidate`, the gate moves `champion`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
+from importlib.util import find_spec
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from orchestration import pyfunc_model
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+MODEL_NAME_IN_RUN = "unclip-pipeline"
+METRIC_TAG_PREFIX = "metric."
+COMPONENT_RUN_TAG = "lineage.{}_run_id"  # clip / prior / decoder
+DATASET_URI_TAG = "lineage.dataset_uri"
+MANIFEST_HASH_TAG = "lineage.manifest_hash"
+SOURCE_RUN_TAG = "lineage.source_run_id"
+PROMOTION_TAG = "promotion"
+# What the pyfunc needs at serving time, pinned to what trained and tested it here.
+RUNTIME_DISTRIBUTIONS = ("torch", "torchvision", "open_clip_torch", "pillow", "numpy", "scipy",
+                         "safetensors", "pandas")
+
+
+class RegistryError(ValueError):
+    """A registry problem a user can act on (unknown model/version/alias, bad URI)."""
+
+
+def _connect(tracking_uri: str | None) -> MlflowClient:
+    # The registry lives in the tracking store (SQLite locally, the server on a cluster).
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient()
+
+
+def _has_credentials(uri: str) -> bool:
+    return bool(re.match(r"^[a-z0-9+.-]+://[^/@]+@", uri))
+
+
+def pinned_requirements() -> list[str]:
+    pins = []
+    for name in RUNTIME_DISTRIBUTIONS:
+        try:
+            # Drop local labels (+cu130, +cpu): they are not on PyPI's index.
+            pins.append(f"{name}=={dist_version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def models_package_dir() -> str:
+    # Located without importing it: `unclip models list` should not pay for torch. (Under
+    # some editable installs it resolves as a namespace package, so use the search path.)
+    return str(Path(list(find_spec("models").submodule_search_locations)[0]))
+
+
+def stage_pipeline(pipeline_dir: str | Path, staging: Path, sampling: dict | None) -> dict:
+    """Copy the pipeline into `staging`, baking `sampling` overrides into its config.json.
+
+    Baking them in (rather than MLflow model_config) means every loader - pyfunc, Ray Serve,
+    `unclip generate` - sees the same defaults. Returns the resulting sampling settings.
+    """
+    source = Path(pipeline_dir)
+    if not (source / "config.json").is_file():
+        raise RegistryError(f"{source}: not a saved pipeline (no config.json)")
+    shutil.copytree(source, staging)
+    config_path = staging / "config.json"
+    config = json.loads(config_path.read_text())
+    config["sampling"] = {**config.get("sampling", {}), **(sampling or {})}
+    config_path.write_text(json.dumps(config, indent=2))
+    return config["sampling"]
+
+
+@contextlib.contextmanager
+def _run_for_logging(client: MlflowClient, run_id: str | None, experiment: str | None):
+    """Log into `run_id` (already active here, or reopened and left as it was) or a new run."""
+    active = mlflow.active_run()
+    if run_id and active and active.info.run_id == run_id:
+        yield run_id
+        return
+    if run_id:
+        status = client.get_run(run_id).info.status
+        with mlflow.start_run(run_id=run_id, nested=active is not None):
+            yield run_id
+        if status == "RUNNING":  # owned by another process (the pipeline driver): keep it open
+            client.update_run(run_id, status="RUNNING")
+        return
+    if experiment:
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="register", nested=active is not None) as run:
+        yield run.info.run_id
+
+
+def register_pipeline(pipeline_dir: str | Path, *, tracking_uri: str | None, model_name: str,
+                      metrics: dict[str, float], component_runs: dict[str, str],
+                      dataset_uri: str, manifest_hash: str, parent_run_id: str | None = None,
+                      experiment: str | None = None, sampling: dict | None = None) -> int:
+    """Log the pipeline as a pyfunc, register a new version, tag lineage + metrics, alias it
+    `candidate`. Returns the version number."""
+    if _has_credentials(dataset_uri):
+        raise RegistryError("dataset_uri: credentials in the URI; use the environment instead")
+    client = _connect(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="unclip-register-") as tmp:
+        staged = Path(tmp) / "pipeline"
+        sampling_defaults = stage_pipeline(pipeline_dir, staged, sampling)
+        with _run_for_logging(client, parent_run_id, experiment) as run_id:
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=pyfunc_model.__file__,
+                artifacts={pyfunc_model.PIPELINE_ARTIFACT: str(staged)},
+                code_paths=[models_package_dir()],
+                signature=pyfunc_model.model_signature(sampling_defaults),
+                pip_requirements=pinned_requirements(),
+                registered_model_name=model_name,
+            )
+    version = int(info.registered_model_version)
+    tags = {COMPONENT_RUN_TAG.format(name): rid for name, rid in component_runs.items()}
+    tags |= {DATASET_URI_TAG: dataset_uri, MANIFEST_HASH_TAG: manifest_hash,
+             SOURCE_RUN_TAG: run_id}
+    tags |= {METRIC_TAG_PREFIX + name: repr(float(value)) for name, value in metrics.items()}
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, str(version), key, value)
+    client.set_registered_model_alias(model_name, CANDIDATE, str(version))
+    return version
+
+
+def version_metrics(model_version) -> dict[str, float]:
+    return {key[len(METRIC_TAG_PREFIX):]: float(value)
+            for key, value in model_version.tags.items() if key.startswith(METRIC_TAG_PREFIX)}
+
+
+def _get_version(client: MlflowClient, model_name: str, version: int | str):
+    try:
+        return client.get_model_version(model_name, str(version))
+    except MlflowException:
+        raise RegistryError(f"model {model_name!r} has no version {version}") from None
+
+
+def _champion(client: MlflowClient, model_name: str):
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _usable(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def maybe_promote(client: MlflowClient, model_name: str, version: int | str, *, metric: str,
+                  direction: str) -> tuple[bool, str]:
+    """The gate: `champion` moves to `version` only if it beats the champion on `metric`."""
+    if direction not in ("minimize", "maximize"):
+        raise RegistryError(f"direction {direction!r}: use minimize or maximize")
+    candidate = _get_version(client, model_name, version)
+    value = version_metrics(candidate).get(metric)
+    if not _usable(value):
+        return False, (f"v{version} has no usable {metric}; promote it explicitly with "
+                       f"`unclip models promote {model_name} {version}`")
+    champion = _champion(client, model_name)
+    if champion is None:
+        reason = f"v{version} is the first champion ({metric}={value:g})"
+    elif str(champion.version) == str(version):
+        return False, f"v{version} is already the champion"
+    else:
+        best = version_metrics(champion).get(metric)
+        if not _usable(best):
+            return False, (f"champion v{champion.version} has no usable {metric}; "
+                           "compare by hand and promote explicitly")
+        better = value < best if direction == "minimize" else value > best
+        verdict = "beats" if better else "does not beat"
+        reason = (f"v{version} {metric}={value:g} {verdict} champion v{champion.version} "
+                  f"{metric}={best:g} ({direction})")
+        if not better:
+            return False, reason
+    _set_champion(client, model_name, version, f"gate: {reason}")
+    return True, reason
+
+
+def _set_champion(client: MlflowClient, model_name: str, version: int | str, why: str) -> None:
+    client.set_registered_model_alias(model_name, CHAMPION, str(version))
+    client.set_model_version_tag(model_name, str(version), PROMOTION_TAG, why)
+
+
+def promote(model_name: str, version: int | str, *, tracking_uri: str | None = None) -> None:
+    """Explicit promotion: move `champion` to `version`, whatever the metrics say."""
+    client = _connect(tracking_uri)
+    _get_version(client, model_name, version)
+    _set_champion(client, model_name, version, "explicit")
+
+
+def list_versions(model_name: str, *, tracking_uri: str | None = None) -> list[dict]:
+    """Every version, oldest first, with its aliases, metric tags and creation time."""
+    client = _connect(tracking_uri)
+    try:
+        registered = client.get_registered_model(model_name)
+    except MlflowException:
+        names = [m.name for m in client.search_registered_models(max_results=20)]
+        raise RegistryError(f"no registered model {model_name!r}; registered: "
+                            f"{', '.join(names) or 'none'}") from None
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (registered.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for mv in client.search_model_versions(f"name = '{model_name}'"):
+        created = datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC)
+        rows.append({"version": int(mv.version),
+                     "aliases": sorted(aliases.get(str(mv.version), [])),
+                     "metrics": version_metrics(mv),
+                     "created": created.isoformat(timespec="seconds"), "run_id": mv.run_id})
+    return sorted(rows, key=lambda row: row["version"])
+
+
+def pipeline_dir_in(directory: Path) -> Path | None:
+    """The pipeline directory inside a saved pipeline or a logged pyfunc model directory."""
+    if (directory / "config.json").is_file():
+        return directory
+    mlmodel = directory / "MLmodel"
+    if mlmodel.is_file():
+        flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get(
+            "python_function", {})
+        artifact = (flavor.get("artifacts") or {}).get(pyfunc_model.PIPELINE_ARTIFACT, {})
+        if artifact.get("path") and (directory / artifact["path"] / "config.json").is_file():
+            return directory / artifact["path"]
+    return None
+
+
+def resolve_model_uri(uri: str, *, tracking_uri: str | None = None,
+                      dst_dir: str | Path | None = None) -> Path:
+    """`models:/NAME@alias`, `models:/NAME/VERSION`, `runs:/ID/path` or a local directory
+    -> a local directory `UnCLIPPipeline.load` accepts (downloaded when remote)."""
+    local = Path(uri).expanduser()
+    if "://" not in uri and not uri.startswith(("models:", "runs:")):
+        if not local.is_dir():
+            raise RegistryError(f"{uri}: no such model directory (or use models:/NAME@alias)")
+        found = pipeline_dir_in(local.absolute())
+        if found is None:
+            raise RegistryError(f"{uri}: neither a saved pipeline nor an MLflow pyfunc model")
+        return found
+    _connect(tracking_uri)
+    target = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="unclip-model-"))
+    try:
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                              dst_path=str(target)))
+    except MlflowException as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RegistryError(f"{uri}: {first_line}") from None
+    found = pipeline_dir_in(downloaded)
+    if found is None:
+        raise RegistryError(f"{uri}: downloaded, but it holds no unCLIP pipeline")
+    return found

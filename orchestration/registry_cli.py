@@ -1,0 +1,144 @@
+"""CLI pieces for the registry, generation and serving, mounted into `unclip` by cli.py.
+
+Errors a user can fix are raised as `RegistryError` (printed as one line by the CLI).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orchestration.registry import RegistryError
+
+models_app = typer.Typer(no_args_is_help=True,
+                         help="Registered models: list versions, promote one to champion.")
+
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", help="models:/NAME@alias, models:/NAME/VERSION, runs:/ID/path or a dir")]
+ConfigOpt = Annotated[str | None, typer.Option(
+    "--config", "-c", help="Config whose mlflow.tracking_uri to use (default: tiny)")]
+TrackingOpt = Annotated[str | None, typer.Option(
+    "--tracking-uri", help="MLflow tracking URI (overrides the config's)")]
+
+
+def _mlflow_config(config: str | None):
+    from orchestration.config import load_config
+
+    return load_config(config).mlflow
+
+
+def _tracking_uri(config: str | None, tracking_uri: str | None) -> str:
+    return tracking_uri or _mlflow_config(config).tracking_uri
+
+
+@models_app.command("list")
+def list_models(
+    name: Annotated[str | None, typer.Argument(
+        help="Registered model name (default: the config's mlflow.registered_model)")] = None,
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Versions with their aliases and key metrics, oldest first."""
+    from orchestration.registry import list_versions
+
+    settings = _mlflow_config(config)
+    name = name or settings.registered_model
+    rows = list_versions(name, tracking_uri=tracking_uri or settings.tracking_uri)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(format_versions(name, rows))
+
+
+def format_versions(name: str, rows: list[dict]) -> str:
+    lines = [f"{name}: {len(rows)} version(s)",
+             f"{'version':>7}  {'aliases':<20}  {'created':<25}  metrics"]
+    for row in rows:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(row["metrics"].items()))
+        lines.append(f"{row['version']:>7}  {','.join(row['aliases']) or '-':<20}  "
+                     f"{row['created']:<25}  {metrics or '-'}")
+    return "\n".join(lines)
+
+
+@models_app.command("promote")
+def promote_model(
+    name: Annotated[str, typer.Argument(help="Registered model name")],
+    version: Annotated[int, typer.Argument(help="Version to make champion")],
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Explicitly move the `champion` alias to VERSION (bypasses the metric gate)."""
+    from orchestration.registry import promote
+
+    promote(name, version, tracking_uri=_tracking_uri(config, tracking_uri))
+    typer.echo(f"{name} v{version} is now champion (models:/{name}@champion)")
+
+
+def generate(
+    model: ModelOpt,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Text (repeatable)")],
+    n: Annotated[int, typer.Option("--n", help="Images per prompt")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same images)")] = 0,
+    guidance: Annotated[float | None, typer.Option(
+        help="Decoder guidance scale (default: the model's)")] = None,
+    prior_guidance: Annotated[float | None, typer.Option(
+        help="Prior guidance scale (default: the model's)")] = None,
+    sampler: Annotated[str | None, typer.Option(help="ddpm | ddim")] = None,
+    steps: Annotated[int | None, typer.Option(help="Decoder sampling steps")] = None,
+    out: Annotated[str, typer.Option(help="Grid PNG to write (one row per prompt)")] = "grid.png",
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Generate images from a registered model, run or local directory into a PNG grid."""
+    from orchestration.pyfunc_model import InvalidRequest, check_options, check_prompt
+    from orchestration.pyfunc_model import generate_kwargs as to_kwargs
+
+    try:
+        prompts = [check_prompt(p) for p in prompt]
+        options = check_options({"num_images": n, "seed": seed, "decoder_guidance": guidance,
+                                 "prior_guidance": prior_guidance, "sampler": sampler,
+                                 "steps": steps})
+    except InvalidRequest as exc:
+        raise RegistryError(f"--{exc.field.replace('_', '-')}: {exc}") from None
+    from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
+    from orchestration.registry import resolve_model_uri
+
+    directory = resolve_model_uri(model, tracking_uri=_uri_if_needed(model, config, tracking_uri))
+    pipeline = UnCLIPPipeline.load(directory)
+    images = pipeline.generate(prompts, **to_kwargs(options))
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    images_to_grid(images, nrow=options["num_images"]).save(target)
+    typer.echo(f"wrote {len(images)} images ({len(prompts)} prompt(s) x {n}) to "
+               f"{target.absolute()}")
+
+
+def _uri_if_needed(model: str, config: str | None, tracking_uri: str | None) -> str | None:
+    # A local directory needs no tracking server (nor a valid config).
+    if "://" not in model and not model.startswith(("models:", "runs:")):
+        return tracking_uri
+    return _tracking_uri(config, tracking_uri)
+
+
+def serve(
+    model: ModelOpt,
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    replicas: Annotated[int, typer.Option(min=1, help="Replicas (each loads the model)")] = 1,
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Serve a model over HTTP with Ray Serve until Ctrl-C."""
+    from orchestration.config import load_config
+    from orchestration.ray_runtime import connect
+    from orchestration.serving import run_server
+
+    uri = _uri_if_needed(model, config, tracking_uri)
+    connect(load_config(config))  # the config's Ray address, $RAY_ADDRESS or a local instance
+    typer.echo(f"serving {model} at http://{host}:{port}/ (GET /health; POST JSON "
+               f"{{\"prompt\": \"a red circle\", \"num_images\": 2}}); Ctrl-C stops", err=True)
+    run_server(model, tracking_uri=uri, host=host, port=port, num_replicas=replicas)
