@@ -174,6 +174,31 @@ def embed(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(json.dumps(manifest, indent=2))
 
 
+@app.command("pipeline")
+def pipeline(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    only: Annotated[list[str] | None, typer.Option(
+        help="Run only these stages (repeatable): data clip embed prior decoder eval register")
+    ] = None,
+    from_stage: Annotated[str | None, typer.Option(help="Start at this stage")] = None,
+) -> None:
+    """The whole DAG end to end; reruns skip complete stages and resume the interrupted one."""
+    from orchestration.pipeline import run_pipeline
+
+    cfg = _config(config, set_)
+    try:
+        summary = run_pipeline(cfg, only=only, from_stage=from_stage, log=echo)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    typer.echo(json.dumps(summary, indent=2))
+    if "grid" in summary:
+        echo(f"\ngenerated image grid: {summary['grid']}")
+    echo(f"pipeline took {summary['seconds']:.0f}s. Browse runs and models with:\n"
+         f"  mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}   # then open "
+         "http://127.0.0.1:5000")
+
+
 def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 

@@ -22,7 +22,7 @@ from orchestration.config import Config
 from orchestration.data_check import ensure_dataset
 from orchestration.ray_runtime import connect
 from orchestration.tasks import load_portable
-from orchestration.training_job import _require_stage
+from orchestration.training_job import DONE_FILE, _require_stage, portable_uri
 
 BATCH_SIZE = 256
 
@@ -54,7 +54,7 @@ def run_embed(config: Config, *, log=print) -> dict:
     ensure_dataset(config, log=log)
     clip_uri = _require_stage(config, "clip", "the embedding job")
     out = resolve(config.data.resolved_embeddings_uri)
-    manifest = {"clip": clip_uri, "dataset": config.data.uri,
+    manifest = {"clip": clip_uri, "clip_marker": clip_marker(config), "dataset": config.data.uri,
                 "dataset_manifest_hash": manifest_hash(config.data.uri), "splits": {}}
     start = time.monotonic()
     for split in ("train", "test"):
@@ -79,6 +79,12 @@ def run_embed(config: Config, *, log=print) -> dict:
     manifest["seconds"] = round(time.monotonic() - start, 1)
     out.join("manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def clip_marker(config: Config) -> str | None:
+    """The CLIP stage's completion record: it changes whenever CLIP is retrained."""
+    done = resolve(portable_uri(config, "clip")).join(DONE_FILE)
+    return done.read_text() if done.exists() else None
 
 
 def _actor_pool(config: Config):
