@@ -11,11 +11,15 @@ from typing import Annotated
 import typer
 
 from orchestration.config import Config, ConfigError, load_config
+from orchestration.registry_cli import generate, models_app, serve
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train and serve unCLIP text-to-image models on Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Build, import and inspect datasets.")
 app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models", help="Registered models: list versions, promote.")
+app.command("generate")(generate)
+app.command("serve")(serve)
 
 ConfigOpt = Annotated[str | None, typer.Option(
     "--config", "-c", help="YAML config file or shipped name (default: tiny)")]
@@ -209,7 +213,7 @@ def main() -> None:
 
     try:
         app()
-    except (UserError, ConfigError, StorageError, IngestError) as exc:
+    except (UserError, ConfigError, StorageError, IngestError, RegistryError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

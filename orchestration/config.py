@@ -56,6 +56,7 @@ class ScalingConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
+    torch_threads: int | None = Field(None, ge=1)  # None: Ray's default (one per worker CPU)
 
 
 class DeepSpeedConfig(Strict):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import warnings
 
 import mlflow
 import pandas as pd
@@ -48,7 +47,7 @@ class InvalidRequest(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.reason = field, message
 
 
 def check_prompt(prompt, *, field: str = "prompt") -> str:
@@ -155,11 +154,11 @@ def model_signature(sampling: dict | None = None) -> ModelSignature:
     )
 
 
-# Our signature is explicit (model_signature), so MLflow's type-hint inference is not wanted.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-
-
 class UnCLIPPyfunc(PythonModel):
+    # The signature is explicit (model_signature): MLflow's type-hint validation, and its
+    # warning that predict has no type hints, do not apply.
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         import torch
 

@@ -11,15 +11,17 @@ import ray.data
 from orchestration.config import Config
 
 
-def quiet_ray_data() -> None:
-    """Our own progress lines replace Ray Data's per-operator progress bars."""
+def configure_ray_data() -> None:
+    """Deterministic order (reproducible epochs, exact resumption by skipping consumed
+    batches); our own progress lines replace Ray Data's per-operator progress bars."""
     context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
     context.enable_progress_bars = False
     context.print_on_execution_start = False
 
 
 def connect(config: Config | None = None) -> None:
-    quiet_ray_data()
+    configure_ray_data()
     if ray.is_initialized():
         return
     address = (config.ray.address if config else None) or os.environ.get("RAY_ADDRESS")

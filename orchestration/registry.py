@@ -15,6 +15,7 @@ import math
 import re
 import shutil
 import tempfile
+import warnings
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
@@ -123,7 +124,10 @@ def register_pipeline(pipeline_dir: str | Path, *, tracking_uri: str | None, mod
     with tempfile.TemporaryDirectory(prefix="unclip-register-") as tmp:
         staged = Path(tmp) / "pipeline"
         sampling_defaults = stage_pipeline(pipeline_dir, staged, sampling)
-        with _run_for_logging(client, parent_run_id, experiment) as run_id:
+        with _run_for_logging(client, parent_run_id, experiment) as run_id, \
+                warnings.catch_warnings():
+            # The signature is explicit; an input example would run a generation at log time.
+            warnings.filterwarnings("ignore", message=".*input example")
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
                 python_model=pyfunc_model.__file__,
@@ -137,7 +141,8 @@ def register_pipeline(pipeline_dir: str | Path, *, tracking_uri: str | None, mod
     tags = {COMPONENT_RUN_TAG.format(name): rid for name, rid in component_runs.items()}
     tags |= {DATASET_URI_TAG: dataset_uri, MANIFEST_HASH_TAG: manifest_hash,
              SOURCE_RUN_TAG: run_id}
-    tags |= {METRIC_TAG_PREFIX + name: repr(float(value)) for name, value in metrics.items()}
+    tags |= {METRIC_TAG_PREFIX + name: repr(float(value)) for name, value in metrics.items()
+             if isinstance(value, int | float) and not isinstance(value, bool)}  # scalars only
     for key, value in tags.items():
         client.set_model_version_tag(model_name, str(version), key, value)
     client.set_registered_model_alias(model_name, CANDIDATE, str(version))

@@ -6,6 +6,7 @@ Errors a user can fix are raised as `RegistryError` (printed as one line by the 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -78,6 +79,9 @@ def promote_model(
     typer.echo(f"{name} v{version} is now champion (models:/{name}@champion)")
 
 
+CLI_FLAGS = {"num_images": "--n", "decoder_guidance": "--guidance"}  # option -> its flag
+
+
 def generate(
     model: ModelOpt,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Text (repeatable)")],
@@ -103,12 +107,15 @@ def generate(
                                  "prior_guidance": prior_guidance, "sampler": sampler,
                                  "steps": steps})
     except InvalidRequest as exc:
-        raise RegistryError(f"--{exc.field.replace('_', '-')}: {exc}") from None
+        flag = CLI_FLAGS.get(exc.field, f"--{exc.field.replace('_', '-')}")
+        raise RegistryError(f"{flag}: {exc.reason}") from None
     from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
     from orchestration.registry import resolve_model_uri
 
-    directory = resolve_model_uri(model, tracking_uri=_uri_if_needed(model, config, tracking_uri))
-    pipeline = UnCLIPPipeline.load(directory)
+    with tempfile.TemporaryDirectory(prefix="unclip-generate-") as download:
+        directory = resolve_model_uri(model, dst_dir=download,
+                                      tracking_uri=_uri_if_needed(model, config, tracking_uri))
+        pipeline = UnCLIPPipeline.load(directory)  # weights are in memory: the copy can go
     images = pipeline.generate(prompts, **to_kwargs(options))
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +136,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Bind address (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
     replicas: Annotated[int, typer.Option(min=1, help="Replicas (each loads the model)")] = 1,
+    gpus: Annotated[float, typer.Option(min=0, help="GPUs per replica")] = 0.0,
     config: ConfigOpt = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
@@ -141,4 +149,5 @@ def serve(
     connect(load_config(config))  # the config's Ray address, $RAY_ADDRESS or a local instance
     typer.echo(f"serving {model} at http://{host}:{port}/ (GET /health; POST JSON "
                f"{{\"prompt\": \"a red circle\", \"num_images\": 2}}); Ctrl-C stops", err=True)
-    run_server(model, tracking_uri=uri, host=host, port=port, num_replicas=replicas)
+    run_server(model, tracking_uri=uri, host=host, port=port, num_replicas=replicas,
+               num_gpus=gpus)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,9 +74,11 @@ class UnCLIPServer:
         from orchestration.registry import resolve_model_uri
 
         start = time.monotonic()
-        directory = resolve_model_uri(model_uri, tracking_uri=tracking_uri)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipeline = UnCLIPPipeline.load(directory, map_location=device)
+        with tempfile.TemporaryDirectory(prefix="unclip-replica-") as download:
+            directory = resolve_model_uri(model_uri, tracking_uri=tracking_uri,
+                                          dst_dir=download)
+            self.pipeline = UnCLIPPipeline.load(directory, map_location=device)
         self.model_uri = model_uri
         self.load_seconds = time.monotonic() - start
 
@@ -90,26 +94,30 @@ class UnCLIPServer:
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             return _error(413, f"body: at most {MAX_BODY_BYTES} bytes (got {len(raw)})")
-        wants_png = request.query_params.get("format", "json") == "png"
+        response_format = request.query_params.get("format", "json")
+        if response_format not in ("json", "png"):
+            return _error(422, f"format: must be json or png (got {response_format!r})")
         try:
             job = parse_job(json.loads(raw or b"null"))
         except ValueError as exc:  # JSONDecodeError and InvalidRequest are both ValueErrors
             status = 422 if isinstance(exc, InvalidRequest) else 400
             return _error(status, str(exc) if status == 422 else "body: not valid JSON")
-        pngs, batch_size = await self.generate(job)
-        if wants_png:
-            return Response(self._grid_png(pngs), media_type="image/png",
-                            headers={"X-Num-Images": str(len(pngs))})
-        return JSONResponse({"prompt": job.prompt, "seed": job.options.get("seed"),
-                             "images": [base64.b64encode(p).decode("ascii") for p in pngs],
-                             "batch_size": batch_size, "model": self.model_uri})
+        images, batch_size = await self.generate(job)
+        if response_format == "png":
+            return Response(_png_grid(images), media_type="image/png",
+                            headers={"X-Num-Images": str(len(images))})
+        return JSONResponse({
+            "prompt": job.prompt, "seed": job.options.get("seed"),
+            "images": [base64.b64encode(encode_png(image)).decode("ascii") for image in images],
+            "batch_size": batch_size, "model": self.model_uri})
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.05)
-    async def generate(self, jobs: list[GenerationJob]) -> list[tuple[list[bytes], int]]:
+    async def generate(self, jobs: list[GenerationJob]) -> list[tuple]:
         # Diffusion sampling is CPU/GPU-bound: keep the event loop free for /health.
         return await asyncio.to_thread(self._generate_batch, jobs)
 
-    def _generate_batch(self, jobs: list[GenerationJob]) -> list[tuple[list[bytes], int]]:
+    def _generate_batch(self, jobs: list[GenerationJob]) -> list[tuple]:
+        """Per job: (uint8 images [num_images, H, W, 3], how many jobs shared its call)."""
         groups: dict[tuple, list[int]] = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.group_key(index), []).append(index)
@@ -121,43 +129,33 @@ class UnCLIPServer:
             images = self.pipeline.generate([jobs[i].prompt for i in members],
                                             **generate_kwargs(options))
             for slot, index in enumerate(members):
-                chunk = images[slot * per_prompt:(slot + 1) * per_prompt]
-                results[index] = ([encode_png(image) for image in chunk], len(members))
+                results[index] = (images[slot * per_prompt:(slot + 1) * per_prompt],
+                                  len(members))
         return results
 
-    @staticmethod
-    def _grid_png(pngs: list[bytes]) -> bytes:
-        if len(pngs) == 1:
-            return pngs[0]
-        import io
 
-        import numpy as np
-        import torch
-        from PIL import Image
+def _png_grid(images) -> bytes:
+    from models.unclip_pipeline import images_to_grid
 
-        from models.unclip_pipeline import images_to_grid
-
-        arrays = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs]
-        grid = images_to_grid(torch.from_numpy(np.stack(arrays)), nrow=len(arrays))
-        buffer = io.BytesIO()
-        grid.save(buffer, format="PNG")
-        return buffer.getvalue()
+    buffer = io.BytesIO()
+    images_to_grid(images, nrow=len(images)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def build_app(model_uri: str, *, tracking_uri: str | None = None, num_replicas: int = 1,
-              num_cpus: float = 1.0):
+              num_cpus: float = 1.0, num_gpus: float = 0.0):
     # A relative local path would resolve against the replica's working directory.
     local = Path(model_uri).expanduser()
     if "://" not in model_uri and not model_uri.startswith(("models:", "runs:")):
         model_uri = str(local.absolute())
     return UnCLIPServer.options(num_replicas=num_replicas,
-                                ray_actor_options={"num_cpus": num_cpus}
+                                ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}
                                 ).bind(model_uri, tracking_uri)
 
 
 def run_server(model_uri: str, *, tracking_uri: str | None = None, host: str = "127.0.0.1",
                port: int = 8000, num_replicas: int = 1, num_cpus: float = 1.0,
-               blocking: bool = True) -> str:
+               num_gpus: float = 0.0, blocking: bool = True) -> str:
     """Start Serve on host:port (loopback by default) and deploy; returns the base URL.
 
     Connects to Ray first if nothing has (RAY_ADDRESS or a local instance). With blocking,
@@ -169,7 +167,7 @@ def run_server(model_uri: str, *, tracking_uri: str | None = None, host: str = "
         ray.init(include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(model_uri, tracking_uri=tracking_uri, num_replicas=num_replicas,
-                        num_cpus=num_cpus), name=APP_NAME, route_prefix="/")
+                        num_cpus=num_cpus, num_gpus=num_gpus), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     if blocking:
         try:

@@ -96,6 +96,8 @@ def train_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = _device(config.scaling.use_gpu)
+    if config.scaling.torch_threads:
+        torch.set_num_threads(config.scaling.torch_threads)
     _seed(config.seed + rank)  # per-rank randomness (timesteps, noise, dropout)
 
     task = TASKS[stage_name](config, rank=rank, world_size=world, device=device,
@@ -119,6 +121,7 @@ def train_worker(loop_config: dict) -> None:
 
     state = {"step": 0, "batches_consumed": 0, "samples_seen": 0}
     checkpoint = ray.train.get_checkpoint()
+    fail_at_step = None if checkpoint else loop_config.get("fail_at_step")  # fault injection
     if checkpoint:
         with checkpoint.as_directory() as directory:
             engine.load_checkpoint(directory, tag=ENGINE_TAG)
@@ -155,6 +158,8 @@ def train_worker(loop_config: dict) -> None:
                 window["terms"][key] = window["terms"].get(key, 0.0) + float(value)
         state["step"] += 1
         state["samples_seen"] += per_step
+        if state["step"] == fail_at_step:
+            raise RuntimeError(f"injected failure at step {fail_at_step} (fault-injection test)")
         ema.update(engine.module.model, state["step"])
         if stage_name == "clip":
             _clamp_logit_scale(engine.module.model, zero_stage)

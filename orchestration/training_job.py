@@ -114,7 +114,7 @@ def _storage(config: Config, stage: str) -> dict:
 
 
 def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
-              log=print) -> StageResult:
+              log=print, fail_at_step: int | None = None) -> StageResult:
     """Train one stage as a Ray Train job; returns where its portable weights are."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
@@ -153,7 +153,8 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "stage": stage,
                            "run_id": run_id, "task_kwargs": task_kwargs,
-                           "train_samples": train_samples, "init_from_dir": init_from_dir},
+                           "train_samples": train_samples, "init_from_dir": init_from_dir,
+                           "fail_at_step": fail_at_step},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
@@ -203,7 +204,7 @@ def export_final(config: Config, stage: str, checkpoint, metrics: dict) -> None:
         for name in ("config.json", "weights.safetensors"):
             target.join(name).write_bytes((Path(directory) / PORTABLE_DIR / name).read_bytes())
     done = {"step": metrics.get("step"), "val_loss": metrics.get("val_loss"),
-            "checkpoint": checkpoint.path}
+            "checkpoint": checkpoint.path, "finished_unix": time.time()}
     target.join(DONE_FILE).write_text(json.dumps(done, indent=2))
 
 

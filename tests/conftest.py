@@ -78,7 +78,10 @@ def ray_session(s3_endpoint):
     """One local Ray instance for the whole run (started after the S3 env is in place)."""
     import ray
 
+    from orchestration.ray_runtime import configure_ray_data
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    configure_ray_data()
     yield ray
     ray.shutdown()
 
