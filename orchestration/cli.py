@@ -210,6 +210,7 @@ def _scalars(metrics: dict) -> dict:
 def main() -> None:
     from data_pipelines.ingest import IngestError
     from data_pipelines.storage import StorageError
+    from orchestration.registry import RegistryError
 
     try:
         app()
