@@ -132,6 +132,19 @@ def data_inspect(
     echo(f"contact sheet: {Path(sheet).absolute()}")
 
 
+@app.command("presets")
+def presets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """Every model preset of every component with its parameter count."""
+    from models.presets import list_presets
+
+    rows = list_presets()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row['component']:8s} {row['name']:16s} {row['params'] / 1e6:8.2f}M")
+
+
 @app.command("stream")
 def stream(
     config: ConfigOpt = None,

@@ -30,7 +30,7 @@ from orchestration.tracking import (
     log_png,
     set_tags,
 )
-from orchestration.training_job import run_stage, stage_done
+from orchestration.training_job import DONE_FILE, run_stage, stage_done, stage_uri
 
 STAGE_ORDER = ("data", "clip", "embed", "prior", "decoder", "eval", "register")
 
@@ -47,6 +47,19 @@ def _embed_done(config: Config) -> bool:
         return False
     made_with = json.loads(location.read_text()).get("clip_marker")
     return made_with == clip_marker(config)
+
+
+def trained_marker(config: Config) -> str:
+    """The three stages' completion records: changes whenever any component is retrained."""
+    parts = []
+    for stage in ("clip", "prior", "decoder"):
+        done = resolve(stage_uri(config, stage)).join("portable", DONE_FILE)
+        parts.append(done.read_text() if done.exists() else "")
+    return json.dumps(parts)
+
+
+def _marker_matches(path: Path, marker: str) -> bool:
+    return path.exists() and json.loads(path.read_text()).get("marker") == marker
 
 
 def selected_stages(only: list[str] | None, from_stage: str | None) -> list[str]:
@@ -104,7 +117,13 @@ def run_pipeline(config: Config, *, only: list[str] | None = None,
             train(stage)
     out = outputs_dir(config)
     metrics: dict = {}
-    if "eval" in stages:
+    marker = trained_marker(config)
+    if "eval" in stages and _marker_matches(out / "eval_done.json", marker) and (
+            "eval" not in forced):
+        log("[pipeline] eval: complete for these weights, skipping")
+        metrics = json.loads((out / "metrics.json").read_text())
+        summary["grid"] = str(out / "samples.png")
+    elif "eval" in stages:
         pipeline = assemble_pipeline(config)
         metrics = evaluate_pipeline(config, pipeline, out, log=log)
         log_metrics(client, parent, {f"eval/{k}": v for k, v in metrics.items()}, step=0)
@@ -116,8 +135,17 @@ def run_pipeline(config: Config, *, only: list[str] | None = None,
         shutil.rmtree(saved, ignore_errors=True)
         pipeline.save(saved)
         summary["grid"] = str(out / "samples.png")
-    if "register" in stages:
+        (out / "eval_done.json").write_text(json.dumps({"marker": marker}))
+    if "register" in stages and _marker_matches(out / "registered.json", marker) and (
+            "register" not in forced):
+        registered = json.loads((out / "registered.json").read_text())
+        log(f"[pipeline] register: version {registered['version']} already holds these "
+            "weights, skipping")
+        summary["registry"] = registered
+    elif "register" in stages:
         summary["registry"] = _register(config, parent, out, metrics, log)
+        (out / "registered.json").write_text(json.dumps({**summary["registry"],
+                                                         "marker": marker}))
     client.set_terminated(parent, status="FINISHED")
     summary["seconds"] = round(time.monotonic() - start, 1)
     (out / "pipeline_summary.json").parent.mkdir(parents=True, exist_ok=True)

@@ -80,10 +80,15 @@ class Progress:
                 f"data-wait {metrics['data_wait_fraction']:.0%} ETA {eta:.0f}s")
 
 
-def _batches(shard, batch_size: int, skip: int):
-    """The worker's stream of numpy batches, skipping those consumed before a resume."""
+def _batches(shard, batch_size: int, skip: int, seed: int):
+    """The worker's stream of numpy batches, skipping those consumed before a resume.
+
+    The seeded local shuffle buffer mixes samples across blocks and keeps the stream
+    reproducible, which is what makes skipping consumed batches an exact resume."""
     iterator = iter(shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                       drop_last=True, prefetch_batches=2))
+                                       drop_last=True, prefetch_batches=2,
+                                       local_shuffle_buffer_size=4 * batch_size,
+                                       local_shuffle_seed=seed))
     for _ in range(skip):
         next(iterator, None)
     return iterator
@@ -138,7 +143,7 @@ def train_worker(loop_config: dict) -> None:
     per_step = stage.batch_size * stage.grad_accum * world
 
     batches = _batches(ray.train.get_dataset_shard("train"), stage.batch_size,
-                       state["batches_consumed"])
+                       state["batches_consumed"], seed=config.seed + rank)
     window = {"wait": 0.0, "time": 0.0, "steps": 0, "terms": {}}
     while state["step"] < stage.steps:
         step_start = time.perf_counter()
@@ -155,7 +160,7 @@ def train_worker(loop_config: dict) -> None:
             engine.step()
             state["batches_consumed"] += 1
             for key, value in terms.items():
-                window["terms"][key] = window["terms"].get(key, 0.0) + float(value)
+                window["terms"][key] = window["terms"].get(key, 0.0) + float(value.detach())
         state["step"] += 1
         state["samples_seen"] += per_step
         if state["step"] == fail_at_step:

@@ -100,7 +100,10 @@ def embedding_split_dataset(config: Config, split: str) -> ray.data.Dataset:
 
 
 def _embedding_datasets(config: Config, train_samples: int) -> dict:
-    train_epochs = [embedding_split_dataset(config, "train").random_shuffle(seed=config.seed + e)
+    # embeddings are small: read once, then a seeded block order per epoch (plus the
+    # worker's local shuffle buffer) instead of a full all-to-all shuffle every epoch
+    base = embedding_split_dataset(config, "train").materialize()
+    train_epochs = [base.randomize_block_order(seed=config.seed + e)
                     for e in range(_epochs(train_samples, config, "prior"))]
     train = train_epochs[0].union(*train_epochs[1:]) if len(train_epochs) > 1 else train_epochs[0]
     return {"train": train, "test": embedding_split_dataset(config, "test")}
@@ -114,8 +117,13 @@ def _storage(config: Config, stage: str) -> dict:
 
 
 def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
-              log=print, fail_at_step: int | None = None) -> StageResult:
-    """Train one stage as a Ray Train job; returns where its portable weights are."""
+              log=print, fail_at_step: int | None = None, callbacks: list | None = None,
+              tags: dict | None = None) -> StageResult:
+    """Train one stage as a Ray Train job; returns where its portable weights are.
+
+    `callbacks` go to the Train RunConfig (a Tune sweep forwards metrics with one); `tags`
+    are added to the stage's MLflow run when it is created.
+    """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     spec = config.stage(stage)
@@ -138,7 +146,7 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
 
     run_id = find_or_create_run(
         config, run_key=f"{config.run_name}/{stage}", run_name=f"{config.run_name}-{stage}",
-        parent_run_id=parent_run_id, tags={"unclip.stage": stage})
+        parent_run_id=parent_run_id, tags={"unclip.stage": stage, **(tags or {})})
     client = client_for(config.mlflow.tracking_uri)
     log_config(client, run_id, config)
     set_tags(client, run_id, {"dataset.uri": data_uri,
@@ -163,7 +171,8 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints,
                                                checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=scaling.max_failures)),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            callbacks=callbacks),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
