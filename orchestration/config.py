@@ -57,6 +57,8 @@ class ScalingConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
     torch_threads: int | None = Field(None, ge=1)  # None: Ray's default (one per worker CPU)
+    # STRICT_SPREAD puts every worker on its own node (one worker per node)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
 class DeepSpeedConfig(Strict):

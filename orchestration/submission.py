@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from orchestration.config import ConfigError, load_config, resolve_config_path
+from orchestration.config import load_config, resolve_config_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -38,8 +38,6 @@ WORKING_DIR_EXCLUDES = [
 ]
 
 CONFIG_FLAGS = ("--config", "-c")
-# Keys whose relative local paths would land inside the job's temporary working_dir copy.
-_LOCAL_PATH_KEYS = ("data.uri", "storage_root")
 
 
 class SubmissionError(ValueError):
@@ -161,10 +159,12 @@ def prepare_args(args: list[str], config_path: str | None = None,
 
 
 def _local_path_warnings(config) -> list[str]:
-    values = {"data.uri": config.data.uri, "storage_root": config.storage_root}
-    notes = [f"{key}={values[key]} is a relative local path: on the cluster it resolves inside "
+    # Relative paths resolve inside the job's unpacked working_dir copy, which Ray deletes.
+    notes = [f"{key}={value} is a relative local path: on the cluster it resolves inside "
              "the job's temporary working_dir copy; use s3:// or an absolute shared path"
-             for key in _LOCAL_PATH_KEYS if _is_relative_local(values[key])]
+             for key, value in (("data.uri", config.data.uri),
+                                ("storage_root", config.storage_root))
+             if _is_relative_local(value)]
     uri = config.mlflow.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         notes.append(f"mlflow.tracking_uri={uri} is relative: runs would vanish with the job's "
@@ -198,10 +198,7 @@ def submit(address: str, entrypoint_args: list[str], *, config_path: str | None 
     """
     echo = echo or (lambda line: print(line, file=sys.stderr))
     working_dir = Path(working_dir)
-    try:
-        args, warnings = prepare_args(entrypoint_args, config_path, working_dir)
-    except ConfigError:
-        raise
+    args, warnings = prepare_args(entrypoint_args, config_path, working_dir)
     for note in warnings:
         echo(f"warning: {note}")
     runtime_env = runtime_env_for(working_dir, env_passthrough)
@@ -243,7 +240,11 @@ def job_logs(address: str, job_id: str, *, follow: bool = False, out=None) -> st
             out.write(chunk)
             out.flush()
 
-    _call(address, lambda client: (client.get_job_status(job_id), asyncio.run(tail(client))))
+    def follow_logs(client) -> None:
+        client.get_job_status(job_id)  # an unknown id fails here, with a clear message
+        asyncio.run(tail(client))
+
+    _call(address, follow_logs)
     return "".join(chunks)
 
 
@@ -256,9 +257,8 @@ def wait_for_job(address: str, job_id: str, *, timeout_s: float | None = None,
                  poll_s: float = 1.0):
     """Poll until the job reaches a terminal status; returns that JobStatus."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    client = _client(address)
     while True:
-        status = _call(address, lambda _: client.get_job_status(job_id))
+        status = _call(address, lambda client: client.get_job_status(job_id))
         if status.is_terminal():
             return status
         if deadline is not None and time.monotonic() > deadline:

@@ -10,16 +10,18 @@ run from its storage path and name); the MLflow run is found again by its run ke
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from data_pipelines.shards import manifest_hash, read_manifest
+from data_pipelines.shards import manifest_hash
 from data_pipelines.storage import StorageError, is_s3_uri, resolve, s3_filesystem
 from data_pipelines.streaming import image_caption_dataset
 from orchestration.config import Config
@@ -154,7 +156,7 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
                               "stage.output": portable_uri(config, stage)})
     log_text(client, run_id, resolve(data_uri).join("manifest.json").read_text(),
              "dataset/manifest.json")
-    init_from_dir = resolve_init_from(spec.init_from, config) if spec.init_from else None
+    init_from_dir = resolve_init_from(spec.init_from, config, stage) if spec.init_from else None
 
     scaling = config.scaling
     trainer = TorchTrainer(
@@ -164,7 +166,8 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
                            "train_samples": train_samples, "init_from_dir": init_from_dir,
                            "fail_at_step": fail_at_step},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker},
+                                     placement_strategy=scaling.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=stage, **_storage(config, stage),
@@ -192,8 +195,6 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
 
 
 def read_manifest_json(uri: str) -> dict:
-    import json
-
     location = resolve(uri).join("manifest.json")
     if not location.exists():
         raise StorageError(f"no embeddings at {uri}; run `unclip embed` first")
@@ -202,14 +203,10 @@ def read_manifest_json(uri: str) -> dict:
 
 def export_final(config: Config, stage: str, checkpoint, metrics: dict) -> None:
     """Copy the latest checkpoint's portable EMA weights to <stage>/portable, DONE last."""
-    import json
-
     if checkpoint is None:
         raise RuntimeError(f"{stage}: training finished without a checkpoint")
     target = resolve(portable_uri(config, stage))
     with checkpoint.as_directory() as directory:
-        from pathlib import Path
-
         for name in ("config.json", "weights.safetensors"):
             target.join(name).write_bytes((Path(directory) / PORTABLE_DIR / name).read_bytes())
     done = {"step": metrics.get("step"), "val_loss": metrics.get("val_loss"),
@@ -217,15 +214,27 @@ def export_final(config: Config, stage: str, checkpoint, metrics: dict) -> None:
     target.join(DONE_FILE).write_text(json.dumps(done, indent=2))
 
 
-def resolve_init_from(init_from: str, config: Config) -> str:
-    """Fine-tuning source: portable weights (folder/URI) or a stage of another run."""
+def resolve_init_from(init_from: str, config: Config, stage: str) -> str:
+    """Fine-tuning source -> portable weights every worker can read.
+
+    Accepts portable weights (a folder or URI holding config.json + weights.safetensors, e.g.
+    <storage_root>/<run>/<stage>/portable of an earlier run) or a registered model
+    (models:/NAME@alias, models:/NAME/VERSION), whose `stage` component is exported first.
+    """
+    if init_from.startswith(("models:/", "runs:/")):
+        from models.unclip_pipeline import UnCLIPPipeline
+        from orchestration.registry import resolve_model_uri
+        from orchestration.tasks import save_portable
+
+        directory = resolve_model_uri(init_from, tracking_uri=config.mlflow.tracking_uri)
+        module = getattr(UnCLIPPipeline.load(directory), stage)
+        module_config = module.unclip_model_cfg if stage == "clip" else module.config
+        target = f"{stage_uri(config, stage)}/init"
+        save_portable(target, stage, module, module_config)
+        return target
     if resolve(init_from).join("config.json").exists():
         return init_from
     raise StorageError(
-        f"init_from: no portable weights (config.json + weights.safetensors) at {init_from}; "
-        f"point it at <storage_root>/<run_name>/<stage>/portable of an earlier run")
-
-
-def dataset_summary(config: Config) -> dict:
-    manifest = read_manifest(config.data.uri)
-    return {k: v.num_samples for k, v in manifest.splits.items()}
+        f"{stage}.init_from: no portable weights (config.json + weights.safetensors) at "
+        f"{init_from}; use <storage_root>/<run_name>/<stage>/portable of an earlier run or "
+        "models:/NAME@alias")

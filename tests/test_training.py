@@ -109,6 +109,13 @@ def test_resume_after_injected_failure_matches_uninterrupted_run(tmp_path):
     # rerunning a finished stage resumes at the end: same MLflow run, nothing retrained
     again = run_stage(resumed, "clip")
     assert again.run_id == b.run_id and again.final_metrics["step"] == 8
+    # fine-tuning starts from the trained weights: its first loss is the trained run's level
+    finetune = load_config("tiny", base + ["run_name=finetune", "clip.steps=2",
+                                           f"clip.init_from={portable_uri(straight, 'clip')}"])
+    tuned = run_stage(finetune, "clip")
+    first_fresh = _history(tracking, a.run_id, "loss")[0]
+    first_tuned = _history(tracking, tuned.run_id, "loss")[0]
+    assert first_tuned < first_fresh
 
 
 def _clip_loss_worker(rank: int, world: int, port: int, features, out) -> None:

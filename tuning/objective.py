@@ -56,13 +56,14 @@ class Objective:
                        and OPS[op](rows[i][other], bound)]
             if meeting:
                 usable = meeting
-            else:
+            else:  # nobody meets it: the closest to the bound wins, then the objective
                 satisfied = False
-                # nobody meets it: the closest to the bound (then the objective) wins
-                direction = -1.0 if op == ">=" else 1.0
-                usable = [i for i in usable if finite(rows[i], other)] or usable
-                closest = min(direction * rows[i].get(other, math.nan) for i in usable)
-                usable = [i for i in usable if direction * rows[i][other] == closest]
+                usable = [i for i in usable if finite(rows[i], other)]
+                if not usable:
+                    raise ObjectiveError(f"objective {self}: no scale produced a finite {other}")
+                pick_closest = max if op == ">=" else min
+                closest = pick_closest(rows[i][other] for i in usable)
+                usable = [i for i in usable if rows[i][other] == closest]
         return min(usable, key=lambda i: sign * rows[i][self.metric]), satisfied
 
 

@@ -137,3 +137,17 @@ def check_space(config: Config, space: dict[str, Any]) -> None:
     for key, domain in space.items():
         for value in candidate_values(domain):
             apply_params(config, {key: value})
+
+
+def describe(domain: Any) -> str:
+    """A domain in the spec syntax it was written in, for logs and MLflow."""
+    if isinstance(domain, dict) and "grid_search" in domain:
+        return f"grid({', '.join(map(str, domain['grid_search']))})"
+    if hasattr(domain, "categories"):
+        return f"choice({', '.join(map(str, domain.categories))})"
+    if isinstance(domain, Integer):
+        return f"randint({domain.lower}, {domain.upper})"
+    if hasattr(domain, "lower"):
+        kind = "loguniform" if "LogUniform" in type(domain.sampler).__name__ else "uniform"
+        return f"{kind}({domain.lower:g}, {domain.upper:g})"
+    return repr(domain)

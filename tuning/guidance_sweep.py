@@ -1,0 +1,234 @@
+"""Guidance-scale sweep: sampling-time only, scored in the pipeline's own CLIP space.
+
+Each (decoder scale, prior scale) pair generates images for the same held-out captions with
+the same seed, as one Ray task (generation is the cost; scoring is cheap and done here). The
+objective picks the best pair, which is logged to MLflow and, for a registered model, set as
+version tags (`best_decoder_guidance`, `best_prior_guidance`) that loaders can default to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from models.metrics import clip_score, frechet_distance, kernel_inception_distance, precision_recall
+from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
+from orchestration.config import Config, ConfigError
+from orchestration.data_check import ensure_dataset
+from orchestration.evaluation import _test_rows as held_out_rows
+from orchestration.ray_runtime import connect
+from orchestration.registry import RegistryError, resolve_model_uri
+from orchestration.tracking import (
+    experiment_id,
+    log_metrics,
+    log_png,
+    log_text,
+    set_tags,
+)
+from tuning.objective import METRICS, parse_objective
+from tuning.report import guidance_plot, trial_table_csv, trial_table_markdown
+
+BEST_DECODER_TAG, BEST_PRIOR_TAG = "best_decoder_guidance", "best_prior_guidance"
+SWEEP_RUN_TAG = "guidance_sweep.run_id"
+MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
+GRID_CAPTIONS = 8  # images per scale in the side-by-side grid
+
+
+def parse_scales(text: str | None, *, option: str) -> list[float]:
+    if text is None or not text.strip():
+        return []
+    try:
+        scales = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected comma-separated numbers, "
+                          "e.g. 1,1.5,2,2.5,3") from None
+    if not scales or any(s < 0 for s in scales):
+        raise ConfigError(f"{option} {text!r}: scales must be >= 0 (1 = no guidance)")
+    return sorted(set(scales))
+
+
+def pipeline_files(directory: Path) -> dict[str, bytes]:
+    """The saved pipeline as bytes, so tasks on any node can load it from the object store."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in directory.rglob("*") if p.is_file()}
+
+
+@ray.remote(num_cpus=1)
+def generate_at_scale(files: dict[str, bytes], captions: list[str], *, decoder_guidance: float,
+                      prior_guidance: float, images_per_caption: int, seed: int,
+                      sampler: str | None, steps: int | None) -> np.ndarray:
+    """uint8 images [len(captions) * images_per_caption, H, W, 3] at one pair of scales."""
+    with tempfile.TemporaryDirectory(prefix="unclip-guidance-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_bytes(data)
+        pipeline = UnCLIPPipeline.load(tmp)
+    images = pipeline.generate(captions, num_images_per_prompt=images_per_caption, seed=seed,
+                               prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
+                               sampler=sampler, steps=steps)
+    return images.numpy()
+
+
+@torch.no_grad()
+def clip_space_metrics(pipeline: UnCLIPPipeline, real_emb: np.ndarray, text_emb: np.ndarray,
+                       generated: np.ndarray) -> dict[str, float]:
+    """FD, KID, precision/recall/F1 and CLIP score of generated images vs held-out images."""
+    fake = torch.from_numpy(generated).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    fake_emb = pipeline.clip.encode_image(fake, normalize=True).numpy()
+    repeats = len(fake_emb) // len(text_emb)
+    size = min(len(real_emb), len(fake_emb))
+    kid, _ = kernel_inception_distance(real_emb, fake_emb, subsets=10, subset_size=size)
+    return {"fd_clip": frechet_distance(real_emb, fake_emb), "kid_clip": kid,
+            **precision_recall(real_emb, fake_emb, k=3),
+            "clip_score": clip_score(fake_emb, np.repeat(text_emb, repeats, axis=0))}
+
+
+def model_version(client, model_uri: str) -> tuple[str, str] | None:
+    """(name, version) for models:/NAME/VERSION or models:/NAME@alias, else None."""
+    match = MODEL_URI_RE.match(model_uri)
+    if not match:
+        return None
+    name = match.group("name")
+    if match.group("version"):
+        return name, match.group("version")
+    try:
+        return name, str(client.get_model_version_by_alias(name, match.group("alias")).version)
+    except Exception as exc:  # MLflow raises its own RestException subclasses
+        raise RegistryError(f"{model_uri}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _grid(real: np.ndarray, per_scale: list[np.ndarray]) -> bytes:
+    """Row 0: held-out images; then one row per scale (same captions, same seed)."""
+    rows = [torch.from_numpy(real)] + [torch.from_numpy(images) for images in per_scale]
+    image = images_to_grid(torch.cat(rows), nrow=len(real))
+    side = image.size[1] // len(rows)
+    scale = max(1, 64 // max(side, 1))
+    buffer = io.BytesIO()
+    image.resize((image.size[0] * scale, image.size[1] * scale), 0).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def run_guidance_sweep(model_uri: str, *, config: Config, decoder_scales: list[float],
+                       prior_scales: list[float] | None = None, num_samples: int | None = None,
+                       sampler: str | None = None, steps: int | None = None,
+                       objective: str = "fd_clip:min", log=print) -> dict:
+    """Generate, score and compare every (decoder, prior) scale pair; tag the best."""
+    goal = parse_objective(objective)
+    if not decoder_scales:
+        raise ConfigError("--decoder-scales: give at least one scale, e.g. 1,1.5,2,2.5,3")
+    count = num_samples or config.eval.num_captions
+    if count < 4:
+        raise ConfigError(f"--samples {count}: precision/recall need at least 4 images")
+    start = time.monotonic()
+    connect(config)
+    ensure_dataset(config, log=log)
+    directory = resolve_model_uri(model_uri, tracking_uri=config.mlflow.tracking_uri)
+    pipeline = UnCLIPPipeline.load(directory)
+    priors = prior_scales or [pipeline.sampling.prior_guidance]
+    pairs = [(d, p) for p in priors for d in decoder_scales]
+    per_caption = config.eval.images_per_caption
+
+    rows = held_out_rows(config, count)
+    captions = [str(c) for c in rows["caption"]]
+    with torch.no_grad():
+        real_emb = pipeline.clip.encode_image(torch.from_numpy(rows["image"]),
+                                              normalize=True).numpy()
+        text_emb = torch.nn.functional.normalize(pipeline.encode_text(captions)[0], dim=-1)
+    files = ray.put(pipeline_files(directory))
+    log(f"[guidance] {len(pairs)} scale pairs x {len(captions) * per_caption} images "
+        f"({model_uri})")
+    futures = [generate_at_scale.remote(files, captions, decoder_guidance=d, prior_guidance=p,
+                                        images_per_caption=per_caption, seed=config.seed,
+                                        sampler=sampler, steps=steps) for d, p in pairs]
+    generated = ray.get(futures)
+    results = []
+    for (d, p), images in zip(pairs, generated, strict=True):
+        metrics = clip_space_metrics(pipeline, real_emb, text_emb.numpy(), images)
+        results.append({"decoder_guidance": d, "prior_guidance": p, **metrics})
+        log(f"[guidance] decoder {d:g} prior {p:g}: "
+            + " ".join(f"{k}={metrics[k]:.4g}" for k in METRICS))
+    best_index, satisfied = goal.pick(results)
+    best = results[best_index]
+
+    sweep_id = f"{config.run_name}-guidance-{uuid.uuid4().hex[:8]}"
+    tracking = config.mlflow.tracking_uri
+    client = MlflowClient(tracking, registry_uri=tracking)
+    run_id = _log_sweep(client, config, sweep_id, model_uri, results, best_index, goal,
+                        satisfied, generated, rows["image"], per_caption,
+                        {"sampler": sampler or pipeline.sampling.sampler,
+                         "steps": steps or pipeline.sampling.steps, "num_samples": count})
+    version = model_version(client, model_uri)
+    if version:
+        tags = {BEST_DECODER_TAG: repr(best["decoder_guidance"]), SWEEP_RUN_TAG: run_id,
+                "guidance_sweep.objective": str(goal)}
+        if prior_scales:
+            tags[BEST_PRIOR_TAG] = repr(best["prior_guidance"])
+        for key, value in tags.items():
+            client.set_model_version_tag(version[0], version[1], key, value)
+        log(f"[guidance] tagged {version[0]} v{version[1]} with {json.dumps(tags)}")
+    else:
+        log(f"[guidance] {model_uri} is not a registered model version; nothing tagged")
+    if not satisfied:
+        log(f"[guidance] no scale meets {goal}; chose the closest")
+    log(f"[guidance] best: decoder {best['decoder_guidance']:g} prior "
+        f"{best['prior_guidance']:g} by {goal} in {time.monotonic() - start:.0f}s "
+        f"(MLflow run {run_id})")
+    return {"sweep_id": sweep_id, "run_id": run_id, "objective": str(goal),
+            "objective_satisfied": satisfied, "results": results, "best": best,
+            "model_version": {"name": version[0], "version": version[1]} if version else None,
+            "sampling": dataclasses.asdict(pipeline.sampling)}
+
+
+def _log_sweep(client, config: Config, sweep_id: str, model_uri: str, results: list[dict],
+               best_index: int, goal, satisfied: bool, generated: list[np.ndarray],
+               real_images: np.ndarray, per_caption: int, settings: dict) -> str:
+    """One parent run (table, plot, grid, best) and one nested run per scale pair."""
+    exp = experiment_id(client, config.mlflow.experiment)
+    parent = client.create_run(exp, run_name=f"{config.run_name}-guidance-sweep", tags={
+        "unclip.sweep": "guidance", "unclip.sweep_id": sweep_id, "unclip.model_uri": model_uri,
+    }).info.run_id
+    for key, value in {**settings, "objective": str(goal), "seed": config.seed}.items():
+        client.log_param(parent, key, str(value))
+    for index, row in enumerate(results):
+        child = client.create_run(exp, run_name=f"guidance-d{row['decoder_guidance']:g}"
+                                                f"-p{row['prior_guidance']:g}",
+                                  tags={"mlflow.parentRunId": parent,
+                                        "unclip.sweep_id": sweep_id}).info.run_id
+        client.log_param(child, "decoder_guidance", row["decoder_guidance"])
+        client.log_param(child, "prior_guidance", row["prior_guidance"])
+        log_metrics(client, child, {k: row[k] for k in METRICS}, step=0)
+        log_metrics(client, parent, {k: row[k] for k in METRICS}, step=index)
+        client.set_terminated(child)
+    best = results[best_index]
+    log_metrics(client, parent, {f"best/{k}": best[k] for k in METRICS}, step=0)
+    set_tags(client, parent, {BEST_DECODER_TAG: best["decoder_guidance"],
+                              BEST_PRIOR_TAG: best["prior_guidance"],
+                              "objective_satisfied": satisfied})
+    log_text(client, parent, trial_table_csv(results), "guidance/scales.csv")
+    log_text(client, parent, trial_table_markdown(results), "guidance/scales.md")
+    log_png(client, parent, guidance_plot(results, METRICS, best_index),
+            "guidance/metrics_vs_scale.png")
+    shown = min(GRID_CAPTIONS, len(real_images))
+    real = ((torch.from_numpy(real_images[:shown]) + 1) * 127.5).round().byte()
+    per_scale = [images[: shown * per_caption: per_caption] for images in generated]
+    log_png(client, parent, Image.open(io.BytesIO(_grid(real.permute(0, 2, 3, 1).numpy(),
+                                                        per_scale))),
+            "guidance/samples_by_scale.png")
+    for row, images in zip(results, per_scale, strict=True):
+        grid = images_to_grid(torch.from_numpy(images), nrow=shown)
+        log_png(client, parent, grid, f"guidance/samples/decoder_{row['decoder_guidance']:g}"
+                                      f"_prior_{row['prior_guidance']:g}.png")
+    client.set_terminated(parent)
+    return parent
