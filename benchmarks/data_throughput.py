@@ -50,27 +50,33 @@ def ray_data_rate(uri: str, settings, batch_size: int) -> float:
     return count / (time.monotonic() - start)
 
 
-def wds_loader_rate(urls: list[str], settings, batch_size: int) -> float:
+def _wds_sample(sample: dict, settings):
+    """The same decode + preprocess + tokenise as the Ray Data path, for one sample."""
     import io
 
     import torch
-    import webdataset as wds
     from PIL import Image
 
     from data_pipelines.streaming import _sample_rng, preprocess_image, tokenize
 
-    def to_sample(sample):
-        key = sample["__key__"]
-        data = sample.get("png") or sample.get("jpg")
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        array = preprocess_image(image, settings, _sample_rng(key, 0, 0), train=True)
-        caption = sample["txt"].decode()
-        return torch.from_numpy(array), torch.from_numpy(
-            tokenize([caption], settings.context_length)[0])
+    data = sample.get("png") or sample.get("jpg")
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    array = preprocess_image(image, settings, _sample_rng(sample["__key__"], 0, 0), train=True)
+    tokens = tokenize([sample["txt"].decode()], settings.context_length)[0]
+    return torch.from_numpy(array), torch.from_numpy(tokens)
 
-    dataset = wds.WebDataset(urls, shardshuffle=False).map(to_sample)
-    loader = torch.utils.data.DataLoader(dataset.batched(batch_size), batch_size=None,
-                                         num_workers=2)
+
+def wds_loader_rate(urls: list[str], settings, batch_size: int) -> float:
+    import functools
+
+    import torch
+    import webdataset as wds
+
+    dataset = wds.WebDataset(urls, shardshuffle=False).map(
+        functools.partial(_wds_sample, settings=settings)).batched(batch_size)
+    # forkserver, not fork: forking a Ray driver breaks its gRPC connection to the cluster
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2,
+                                         multiprocessing_context="forkserver")
     start, count = time.monotonic(), 0
     for images, _tokens in loader:
         count += images.shape[0]
@@ -108,14 +114,18 @@ def main() -> None:
                                image_format="jpg", samples_per_shard=250),
                 PreprocessSettings(image_size=128, random_crop=True)),
         }
-        rows = []
+        # build every dataset before any DataLoader forks worker processes from this driver
+        prepared = []
         for index, (name, (shapes, preprocess)) in enumerate(cases.items()):
             uri = f"s3://bench/case{index}"
             build_shapes(uri, shapes)
             shards = read_manifest(uri).splits["train"].shards
             urls = [s3.generate_presigned_url("get_object", Params={
-                "Bucket": "bench", "Key": f"case{index}/{name_}"}, ExpiresIn=3600)
-                for name_ in shards]
+                "Bucket": "bench", "Key": f"case{index}/{shard}"}, ExpiresIn=3600)
+                for shard in shards]
+            prepared.append((name, shapes, preprocess, uri, urls))
+        rows = []
+        for name, shapes, preprocess, uri, urls in prepared:
             results = {"ray-data": [], "wds-loader": []}
             for _ in range(args.repeats):  # interleaved, so both see the same machine state
                 results["ray-data"].append(ray_data_rate(uri, preprocess, args.batch_size))

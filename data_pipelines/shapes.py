@@ -9,6 +9,7 @@ for the same settings however many workers build it.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -143,6 +144,13 @@ def _build_shard(root_uri: str, settings: ShapesSettings, split: str, index: int
     return name, len(samples), sum(s.meta["held_out"] for s in samples)
 
 
+@functools.cache
+def _remote_build_shard():
+    import ray
+
+    return ray.remote(num_cpus=1)(_build_shard)  # exported to the cluster once per process
+
+
 def _shard_plan(settings: ShapesSettings) -> list[tuple[str, int, int]]:
     plan = []
     for split, total in (("train", settings.train_size), ("test", settings.test_size)):
@@ -161,7 +169,7 @@ def build_shapes(out: str, settings: ShapesSettings, *, fmt: ShardFormat = "webd
     if use_ray:
         import ray
 
-        task = ray.remote(num_cpus=1)(_build_shard)
+        task = _remote_build_shard()
         refs = [task.remote(root.uri, settings, split, i, n, fmt) for split, i, n in plan]
         results = []
         pending = list(refs)

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from orchestration.config import Config, ConfigError, load_config
+from orchestration.jobs_cli import register as register_job_commands
 from orchestration.registry_cli import generate, models_app, serve
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -20,6 +21,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models", help="Registered models: list versions, promote.")
 app.command("generate")(generate)
 app.command("serve")(serve)
+register_job_commands(app)
 
 ConfigOpt = Annotated[str | None, typer.Option(
     "--config", "-c", help="YAML config file or shipped name (default: tiny)")]
@@ -224,10 +226,12 @@ def main() -> None:
     from data_pipelines.ingest import IngestError
     from data_pipelines.storage import StorageError
     from orchestration.registry import RegistryError
+    from orchestration.submission import SubmissionError
 
     try:
         app()
-    except (UserError, ConfigError, StorageError, IngestError, RegistryError) as exc:
+    except (UserError, ConfigError, StorageError, IngestError, RegistryError,
+            SubmissionError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
 
