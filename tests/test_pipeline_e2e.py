@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def pipeline_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
 def mlflow_server(tmp_path):
     port = free_port()
     proc = start_process(
-        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
         tmp_path / "mlflow-server.log", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
