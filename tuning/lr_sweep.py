@@ -46,6 +46,7 @@ SWEEP_FILE = "unclip_sweep.json"
 LR_RANGE = (1e-5, 3e-3)  # seed 000: 3e-4 best, above 1e-3 diverged
 WARMUP_CHOICES = (0.0, 0.05, 0.1, 0.2)  # seed 000: no warm-up was best
 DATA_CPUS_PER_TRIAL = 1.0  # Ray Data decoding/augmenting beside the Train workers
+DRIVER_MEMORY = 256 * 1024**2  # logical reservation for each trial's driver function
 PORTABLE_FILES = ("config.json", "weights.safetensors", DONE_FILE)
 
 
@@ -255,7 +256,9 @@ def run_lr_sweep(config: Config, *, stage: str, num_samples: int,
         tune.with_parameters(train_trial, base=config.model_dump(mode="json"), stage=stage,
                              parent_run_id=parent, sweep_id=sweep_id,
                              diverge_factor=diverge_factor),
-        {"CPU": 0})  # the trial only drives; its Train workers hold the CPUs
+        # The trial only drives: its Train workers hold the CPUs, and a CPU fraction here
+        # would starve Ray Data's 1-CPU tasks. Tune needs some resource: a little memory.
+        {"CPU": 0, "memory": DRIVER_MEMORY})
     path, filesystem = _experiment_path(config, stage)
     start = time.monotonic()
     if restore:
