@@ -130,8 +130,9 @@ class ClipTask:
         topk = zero_shot_topk(images.cpu().numpy(), caption_emb.cpu().numpy(), labels)
         paired = (images * texts).sum(-1).mean().item()
         shuffled = (images * texts.roll(1, 0)).sum(-1).mean().item()
-        val_loss = self.loss(image_features=images, text_features=texts,
-                             logit_scale=model.logit_scale).item()
+        # a local loss: evaluation runs on rank 0 alone, so no cross-rank gather here
+        val_loss = ClipContrastiveLoss()(image_features=images, text_features=texts,
+                                         logit_scale=model.logit_scale).item()
         return EvalResult({"val_loss": val_loss, "image_text_cosine": paired,
                            "random_pair_cosine": shuffled,
                            **{f"zero_shot_{k}": v for k, v in topk.items()}})
