@@ -18,8 +18,8 @@ def test_two_node_training_through_s3(tmp_path, s3_bucket, ray_session):
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)  # 0.5 for the Train worker, the rest for Ray Data tasks
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
