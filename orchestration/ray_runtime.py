@@ -29,4 +29,5 @@ def connect(config: Config | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     num_cpus = config.ray.num_cpus if config else None
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             logging_level=logging.WARNING)

@@ -80,7 +80,8 @@ def ray_session(s3_endpoint):
 
     from orchestration.ray_runtime import configure_ray_data
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": always a fresh instance, never a stale cluster recorded in /tmp/ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     configure_ray_data()
     yield ray
     ray.shutdown()
