@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_registry import free_port, start_process, stop_process, wait_http
+from test_registry import mlflow_server  # noqa: F401,F811  (fixture: a real mlflow server)
 from test_submission import ray_head_process
 
 from orchestration.registry import list_versions
@@ -33,29 +32,13 @@ def pipeline_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
     return out
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    proc = start_process(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        tmp_path / "mlflow-server.log", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", proc, timeout=90)
-        yield url
-    finally:
-        stop_process(proc)
-
-
 def _logs(address: str, job_id: str) -> str:
     buffer = io.StringIO()
     job_logs(address, job_id, out=buffer)
     return buffer.getvalue()
 
 
-def test_submitted_pipeline_stopped_mid_stage_then_resubmitted(tmp_path, mlflow_server,
+def test_submitted_pipeline_stopped_mid_stage_then_resubmitted(tmp_path, mlflow_server,  # noqa: F811
                                                                monkeypatch):
     args = ["pipeline"]
     for item in pipeline_overrides(tmp_path, mlflow_server):
