@@ -9,6 +9,7 @@ budget held by a small actor; past the budget the dataset fails with one clear l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from functools import lru_cache
 
@@ -45,6 +46,18 @@ class BadRecordCounter:
 
     def summary(self) -> dict:
         return {"seen": self.seen, "bad": self.bad, "reasons": self.reasons}
+
+
+@contextlib.contextmanager
+def bad_record_budget(max_fraction: float):
+    """One BadRecordCounter shared by the datasets built inside (e.g. every epoch of a run),
+    killed on exit: tasks keep the handle they were given, so it would otherwise live as long
+    as the driver does."""
+    counter = BadRecordCounter.remote(max_fraction)
+    try:
+        yield counter
+    finally:
+        ray.kill(counter)
 
 
 @lru_cache(maxsize=4)
@@ -150,9 +163,13 @@ def shard_uris(uri: str, split: str) -> tuple[object, list[str], str]:
 
 def image_caption_dataset(uri: str, split: str, settings: PreprocessSettings, *,
                           train: bool = True, seed: int = 0, epoch: int = 0,
-                          max_skip_fraction: float = 0.01,
-                          shuffle_files: bool = False) -> ray.data.Dataset:
-    """Preprocessed rows {key, caption, image [3,H,W] float32, tokens [L] int64}."""
+                          max_skip_fraction: float = 0.01, shuffle_files: bool = False,
+                          counter=None) -> ray.data.Dataset:
+    """Preprocessed rows {key, caption, image [3,H,W] float32, tokens [L] int64}.
+
+    Unreadable records are dropped and counted; past `max_skip_fraction` the read fails.
+    Long-lived drivers pass a `counter` from `bad_record_budget` (its fraction then applies).
+    """
     filesystem, paths, fmt = shard_uris(uri, split)
     if shuffle_files:  # a seeded permutation per epoch keeps the order reproducible
         order = np.random.default_rng([seed, epoch]).permutation(len(paths))
@@ -162,7 +179,7 @@ def image_caption_dataset(uri: str, split: str, settings: PreprocessSettings, *,
     else:
         dataset = ray.data.read_parquet(paths, filesystem=filesystem,
                                         columns=["key", "image", "caption"])
-    counter = BadRecordCounter.remote(max_skip_fraction)
+    counter = counter or BadRecordCounter.remote(max_skip_fraction)
     return dataset.map_batches(
         preprocess_batch,
         batch_size=128,

@@ -13,12 +13,14 @@ import typer
 from orchestration.config import Config, ConfigError, load_config
 from orchestration.jobs_cli import register as register_job_commands
 from orchestration.registry_cli import generate, models_app, serve
+from tuning.cli import tune_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train and serve unCLIP text-to-image models on Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Build, import and inspect datasets.")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models", help="Registered models: list versions, promote.")
+app.add_typer(tune_app, name="tune")
 app.command("generate")(generate)
 app.command("serve")(serve)
 register_job_commands(app)

@@ -45,6 +45,10 @@ class DataConfig(Strict):
     max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0)
     embeddings_uri: str | None = None  # default: <uri>/embeddings
     embed_token_encodings: bool = True  # per-token CLIP text encodings for the prior
+    # Preprocess the train split once and keep it in the object store; later epochs reuse it
+    # in a new block order (augmentations then repeat). For datasets that fit in memory when
+    # decoding would compete with training for CPU.
+    materialize_train: bool = False
 
     @property
     def resolved_embeddings_uri(self) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from data_pipelines.shards import manifest_hash
 from data_pipelines.storage import resolve
-from data_pipelines.streaming import image_caption_dataset
+from data_pipelines.streaming import bad_record_budget, image_caption_dataset
 from models.clip_model import encode_text_with_tokens
 from orchestration.config import Config
 from orchestration.data_check import ensure_dataset
@@ -57,28 +57,32 @@ def run_embed(config: Config, *, log=print) -> dict:
     manifest = {"clip": clip_uri, "clip_marker": clip_marker(config), "dataset": config.data.uri,
                 "dataset_manifest_hash": manifest_hash(config.data.uri), "splits": {}}
     start = time.monotonic()
-    for split in ("train", "test"):
-        target = out.join(split)
-        target.delete()  # a rerun replaces the split whole; the manifest is rewritten last
-        dataset = image_caption_dataset(config.data.uri, split, config.data.preprocess,
-                                        train=False, seed=config.seed,
-                                        max_skip_fraction=config.data.max_skip_fraction)
-        embedded = dataset.map_batches(
-            ClipEmbedder, batch_size=BATCH_SIZE,
-            fn_constructor_kwargs={"clip_uri": clip_uri,
-                                   "with_tokens": config.data.embed_token_encodings,
-                                   "use_gpu": config.scaling.use_gpu},
-            compute=_actor_pool(config), num_gpus=1 if config.scaling.use_gpu else 0)
-        embedded.write_parquet(target.path, filesystem=target.filesystem)
-        files = [p for p in target.list_files() if p.endswith(".parquet")]
-        rows = sum(pq.ParquetFile(target.filesystem.open_input_file(p)).metadata.num_rows
-                   for p in files)
-        manifest["splits"][split] = {"num_samples": rows,
-                                     "shards": [p.rsplit("/", 1)[-1] for p in files]}
-        log(f"[embed] {split}: {rows} rows in {len(files)} shards at {target.uri}")
+    with bad_record_budget(config.data.max_skip_fraction) as counter:
+        for split in ("train", "test"):
+            manifest["splits"][split] = _embed_split(config, split, out, clip_uri, counter, log)
     manifest["seconds"] = round(time.monotonic() - start, 1)
     out.join("manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _embed_split(config: Config, split: str, out, clip_uri: str, counter, log) -> dict:
+    """Embed one split into <embeddings>/<split>/*.parquet; returns its manifest entry."""
+    target = out.join(split)
+    target.delete()  # a rerun replaces the split whole; the manifest is rewritten last
+    dataset = image_caption_dataset(config.data.uri, split, config.data.preprocess,
+                                    train=False, seed=config.seed, counter=counter)
+    embedded = dataset.map_batches(
+        ClipEmbedder, batch_size=BATCH_SIZE,
+        fn_constructor_kwargs={"clip_uri": clip_uri,
+                               "with_tokens": config.data.embed_token_encodings,
+                               "use_gpu": config.scaling.use_gpu},
+        compute=_actor_pool(config), num_gpus=1 if config.scaling.use_gpu else 0)
+    embedded.write_parquet(target.path, filesystem=target.filesystem)
+    files = [p for p in target.list_files() if p.endswith(".parquet")]
+    rows = sum(pq.ParquetFile(target.filesystem.open_input_file(p)).metadata.num_rows
+               for p in files)
+    log(f"[embed] {split}: {rows} rows in {len(files)} shards at {target.uri}")
+    return {"num_samples": rows, "shards": [p.rsplit("/", 1)[-1] for p in files]}
 
 
 def clip_marker(config: Config) -> str | None:

@@ -94,8 +94,9 @@ class EMA:
         # a short effective horizon early on, so the average is not stuck at the init
         decay = min(self.decay, (1 + step) / (10 + step))
         with gathered(module, self.zero_stage):
-            for name, param in module.named_parameters():
-                self.shadow[name].lerp_(param.detach().float(), 1 - decay)
+            names, params = zip(*module.named_parameters(), strict=True)
+            torch._foreach_lerp_([self.shadow[n] for n in names],
+                                 [p.detach().float() for p in params], 1 - decay)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}

@@ -47,7 +47,8 @@ def pipeline_sampling(config: Config) -> dict:
             "eta": s.eta, "num_candidates": s.num_candidates}
 
 
-def _test_rows(config: Config, count: int) -> dict:
+def held_out_rows(config: Config, count: int) -> dict:
+    """The first `count` held-out (test split) rows in a fixed order, unaugmented."""
     dataset = image_caption_dataset(config.data.uri, "test", config.data.preprocess,
                                     train=False, seed=config.seed)
     return dataset.limit(count).take_batch(count, batch_format="numpy")
@@ -65,7 +66,7 @@ def evaluate_pipeline(config: Config, pipeline: UnCLIPPipeline, out_dir: Path,
     """Generate for held-out captions, compute metrics, write the grids; returns metrics."""
     start = time.monotonic()
     ev = config.eval
-    rows = _test_rows(config, ev.num_captions)
+    rows = held_out_rows(config, ev.num_captions)
     captions = [str(c) for c in rows["caption"]]
     clip = pipeline.clip
     real_images = torch.from_numpy(rows["image"])

@@ -29,5 +29,7 @@ def connect(config: Config | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     num_cpus = config.ray.num_cpus if config else None
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             logging_level=logging.WARNING)
+    # keep the dashboard: Ray's state API needs it, and Train's placement-group cleaner
+    # uses that API to free a stopped run's CPUs (without it a stopped Tune trial's
+    # placement group can outlive the trial)
+    ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING)

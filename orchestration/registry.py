@@ -37,6 +37,10 @@ DATASET_URI_TAG = "lineage.dataset_uri"
 MANIFEST_HASH_TAG = "lineage.manifest_hash"
 SOURCE_RUN_TAG = "lineage.source_run_id"
 PROMOTION_TAG = "promotion"
+# Set by `unclip tune guidance`; loaders of that version default to these sampling values.
+TUNED_SAMPLING_TAGS = {"best_decoder_guidance": "decoder_guidance",
+                       "best_prior_guidance": "prior_guidance"}
+MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
 # What the pyfunc needs at serving time, pinned to what trained and tested it here.
 RUNTIME_DISTRIBUTIONS = ("torch", "torchvision", "open_clip_torch", "pillow", "numpy", "scipy",
                          "safetensors", "pandas")
@@ -273,4 +277,38 @@ def resolve_model_uri(uri: str, *, tracking_uri: str | None = None,
     found = pipeline_dir_in(downloaded)
     if found is None:
         raise RegistryError(f"{uri}: downloaded, but it holds no unCLIP pipeline")
+    version = model_version(MlflowClient(), uri)
+    if version:
+        apply_tuned_sampling(_get_version(MlflowClient(), *version).tags, found)
     return found
+
+
+def model_version(client: MlflowClient, model_uri: str) -> tuple[str, str] | None:
+    """(name, version) for models:/NAME/VERSION or models:/NAME@alias, else None."""
+    match = MODEL_URI_RE.match(model_uri)
+    if not match:
+        return None
+    name = match.group("name")
+    if match.group("version"):
+        return name, match.group("version")
+    try:
+        return name, str(client.get_model_version_by_alias(name, match.group("alias")).version)
+    except MlflowException as exc:
+        raise RegistryError(f"{model_uri}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def apply_tuned_sampling(tags: dict, pipeline_dir: Path) -> dict:
+    """Write a version's tuned guidance tags into the (downloaded copy's) config.json, so
+    every loader serves the sweep's choice by default. Returns what was applied."""
+    tuned = {}
+    for tag, key in TUNED_SAMPLING_TAGS.items():
+        try:
+            tuned[key] = float(tags[tag])
+        except (KeyError, ValueError):
+            continue  # absent, or not a number: keep the saved default
+    if tuned:
+        config_path = pipeline_dir / "config.json"
+        config = json.loads(config_path.read_text())
+        config["sampling"] = {**config.get("sampling", {}), **tuned}
+        config_path.write_text(json.dumps(config, indent=2))
+    return tuned

@@ -33,6 +33,7 @@ from orchestration.pyfunc_model import (
     encode_png,
     generate_kwargs,
 )
+from orchestration.ray_runtime import connect
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_BATCH_SIZE = 8
@@ -161,10 +162,7 @@ def run_server(model_uri: str, *, tracking_uri: str | None = None, host: str = "
     Connects to Ray first if nothing has (RAY_ADDRESS or a local instance). With blocking,
     serves until Ctrl-C and then shuts Serve down.
     """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    connect()  # no-op when already connected
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(model_uri, tracking_uri=tracking_uri, num_replicas=num_replicas,
                         num_cpus=num_cpus, num_gpus=num_gpus), name=APP_NAME, route_prefix="/")

@@ -10,6 +10,7 @@ run from its storage path and name); the MLflow run is found again by its run ke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_pipelines.shards import manifest_hash
 from data_pipelines.storage import StorageError, is_s3_uri, resolve, s3_filesystem
-from data_pipelines.streaming import image_caption_dataset
+from data_pipelines.streaming import bad_record_budget, image_caption_dataset
 from orchestration.config import Config
 from orchestration.data_check import ensure_dataset
 from orchestration.ray_runtime import connect
@@ -77,20 +78,30 @@ def _epochs(samples: int, config: Config, stage: str) -> int:
     return math.ceil(spec.steps * per_step / samples) + 1
 
 
-def _image_datasets(config: Config, stage: str, train_samples: int) -> dict:
+def _image_datasets(config: Config, stage: str, train_samples: int, counter) -> dict:
     pre, uri = config.data.preprocess, config.data.uri
     columns = ["image", "tokens", "caption"] if stage == "clip" else ["image", "tokens"]
 
     def epoch(e: int) -> ray.data.Dataset:
         return image_caption_dataset(uri, "train", pre, train=True, seed=config.seed, epoch=e,
-                                     max_skip_fraction=config.data.max_skip_fraction,
-                                     shuffle_files=True).select_columns(columns)
+                                     shuffle_files=True, counter=counter).select_columns(columns)
 
-    epochs = [epoch(e) for e in range(_epochs(train_samples, config, stage))]
-    train = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
+    num_epochs = _epochs(train_samples, config, stage)
+    if config.data.materialize_train:
+        train = _reordered_epochs(epoch(0).materialize(), num_epochs, config.seed)
+    else:
+        epochs = [epoch(e) for e in range(num_epochs)]
+        train = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
     test = image_caption_dataset(uri, "test", pre, train=False, seed=config.seed,
-                                 max_skip_fraction=config.data.max_skip_fraction)
+                                 counter=counter)
     return {"train": train, "test": test.select_columns(["image", "tokens", "caption"])}
+
+
+def _reordered_epochs(base: ray.data.Dataset, num_epochs: int, seed: int) -> ray.data.Dataset:
+    """A materialized split repeated `num_epochs` times, each in its own seeded block order
+    (the worker's local shuffle buffer mixes within blocks)."""
+    epochs = [base.randomize_block_order(seed=seed + e) for e in range(num_epochs)]
+    return epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
 
 
 def embedding_split_dataset(config: Config, split: str) -> ray.data.Dataset:
@@ -105,10 +116,8 @@ def _embedding_datasets(config: Config, train_samples: int) -> dict:
     # embeddings are small: read once, then a seeded block order per epoch (plus the
     # worker's local shuffle buffer) instead of a full all-to-all shuffle every epoch
     base = embedding_split_dataset(config, "train").materialize()
-    train_epochs = [base.randomize_block_order(seed=config.seed + e)
-                    for e in range(_epochs(train_samples, config, "prior"))]
-    train = train_epochs[0].union(*train_epochs[1:]) if len(train_epochs) > 1 else train_epochs[0]
-    return {"train": train, "test": embedding_split_dataset(config, "test")}
+    return {"train": _reordered_epochs(base, _epochs(train_samples, config, "prior"), config.seed),
+            "test": embedding_split_dataset(config, "test")}
 
 
 def _storage(config: Config, stage: str) -> dict:
@@ -128,9 +137,18 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    spec = config.stage(stage)
     connect(config)
     manifest = ensure_dataset(config, log=log)
+    budget = (contextlib.nullcontext() if stage == "prior"  # embeddings: no image decoding
+              else bad_record_budget(config.data.max_skip_fraction))
+    with budget as counter:
+        return _train_stage(config, stage, manifest, counter, parent_run_id=parent_run_id,
+                            log=log, fail_at_step=fail_at_step, callbacks=callbacks, tags=tags)
+
+
+def _train_stage(config: Config, stage: str, manifest, counter, *, parent_run_id, log,
+                 fail_at_step, callbacks, tags) -> StageResult:
+    spec = config.stage(stage)
     data_uri = config.data.uri
     task_kwargs: dict = {}
     if stage == "prior":
@@ -144,7 +162,7 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
         if stage == "decoder":
             task_kwargs["clip_dir"] = _require_stage(config, "clip", "decoder training")
         train_samples = manifest.splits["train"].num_samples
-        datasets = _image_datasets(config, stage, train_samples)
+        datasets = _image_datasets(config, stage, train_samples, counter)
 
     run_id = find_or_create_run(
         config, run_key=f"{config.run_name}/{stage}", run_name=f"{config.run_name}-{stage}",

@@ -81,7 +81,8 @@ def ray_session(s3_endpoint):
     from orchestration.ray_runtime import configure_ray_data
 
     # "local": always a fresh instance, never a stale cluster recorded in /tmp/ray
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # with the dashboard, as in `connect`: Train's placement-group cleaner needs the state API
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
     configure_ray_data()
     yield ray
     ray.shutdown()

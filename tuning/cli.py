@@ -42,15 +42,17 @@ def lr(
         help="A trial diverged when its loss exceeds this times its first logged loss")] = 10.0,
 ) -> None:
     """Learning rate (log-uniform) and warm-up sweep with ASHA early stopping on val_loss."""
-    from tuning.lr_sweep import run_lr_sweep
-    from tuning.report import trial_table_markdown
-    from tuning.search_space import parse_space
-
     if samples < 1:
         raise ConfigError(f"--samples {samples}: must be at least 1")
     cfg = load_config(config, set_ or [])
+    from tuning.search_space import parse_space
+
+    extra_space = parse_space(space)  # bad specs fail here, before Ray or DeepSpeed load
+    from tuning.lr_sweep import run_lr_sweep
+    from tuning.report import trial_table_markdown
+
     result = run_lr_sweep(cfg, stage=stage, num_samples=samples, max_concurrent=max_concurrent,
-                          resume=resume, extra_space=parse_space(space),
+                          resume=resume, extra_space=extra_space,
                           diverge_factor=diverge_factor, log=_echo)
     _echo(trial_table_markdown(result.rows))
     typer.echo(json.dumps({

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import re
 import tempfile
 import time
 import uuid
@@ -27,9 +26,9 @@ from models.metrics import clip_score, frechet_distance, kernel_inception_distan
 from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
 from orchestration.config import Config, ConfigError
 from orchestration.data_check import ensure_dataset
-from orchestration.evaluation import _test_rows as held_out_rows
+from orchestration.evaluation import held_out_rows
 from orchestration.ray_runtime import connect
-from orchestration.registry import RegistryError, resolve_model_uri
+from orchestration.registry import TUNED_SAMPLING_TAGS, model_version, resolve_model_uri
 from orchestration.tracking import (
     experiment_id,
     log_metrics,
@@ -40,9 +39,8 @@ from orchestration.tracking import (
 from tuning.objective import METRICS, parse_objective
 from tuning.report import guidance_plot, trial_table_csv, trial_table_markdown
 
-BEST_DECODER_TAG, BEST_PRIOR_TAG = "best_decoder_guidance", "best_prior_guidance"
+BEST_DECODER_TAG, BEST_PRIOR_TAG = TUNED_SAMPLING_TAGS  # the registry applies them on load
 SWEEP_RUN_TAG = "guidance_sweep.run_id"
-MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
 GRID_CAPTIONS = 8  # images per scale in the side-by-side grid
 
 
@@ -95,20 +93,6 @@ def clip_space_metrics(pipeline: UnCLIPPipeline, real_emb: np.ndarray, text_emb:
             "clip_score": clip_score(fake_emb, np.repeat(text_emb, repeats, axis=0))}
 
 
-def model_version(client, model_uri: str) -> tuple[str, str] | None:
-    """(name, version) for models:/NAME/VERSION or models:/NAME@alias, else None."""
-    match = MODEL_URI_RE.match(model_uri)
-    if not match:
-        return None
-    name = match.group("name")
-    if match.group("version"):
-        return name, match.group("version")
-    try:
-        return name, str(client.get_model_version_by_alias(name, match.group("alias")).version)
-    except Exception as exc:  # MLflow raises its own RestException subclasses
-        raise RegistryError(f"{model_uri}: {str(exc).strip().splitlines()[0]}") from None
-
-
 def _grid(real: np.ndarray, per_scale: list[np.ndarray]) -> bytes:
     """Row 0: held-out images; then one row per scale (same captions, same seed)."""
     rows = [torch.from_numpy(real)] + [torch.from_numpy(images) for images in per_scale]
@@ -143,7 +127,7 @@ def run_guidance_sweep(model_uri: str, *, config: Config, decoder_scales: list[f
     rows = held_out_rows(config, count)
     captions = [str(c) for c in rows["caption"]]
     with torch.no_grad():
-        real_emb = pipeline.clip.encode_image(torch.from_numpy(rows["image"]),
+        real_emb = pipeline.clip.encode_image(torch.tensor(rows["image"]),
                                               normalize=True).numpy()
         text_emb = torch.nn.functional.normalize(pipeline.encode_text(captions)[0], dim=-1)
     files = ray.put(pipeline_files(directory))
