@@ -252,6 +252,13 @@ def test_args_entrypoint_and_runtime_env(monkeypatch, tmp_path):
     args, warnings = prepare_args(["train", "clip", "--config", "tiny"], config_path="other")
     assert args == ["train", "clip", "--config", "configs/tiny.yaml"]
     assert any("storage_root=runs" in w for w in warnings)
+    # sweeps are ordinary commands: their config is checked before submitting too
+    args, _ = prepare_args(["tune", "lr", "--stage", "clip", "--samples", "4",
+                            "--set", "clip.steps=100"], config_path="configs/tiny.yaml")
+    assert entrypoint_for(args) == ("python -m orchestration.cli tune lr --stage clip "
+                                    "--samples 4 --set clip.steps=100 --config configs/tiny.yaml")
+    with pytest.raises(ConfigError, match="clip.steps"):
+        prepare_args(["tune", "lr", "--set", "clip.steps=0"], config_path="configs/tiny.yaml")
     outside = tmp_path / "mine.yaml"
     outside.write_text("run_name: mine\n")
     with pytest.raises(SubmissionError, match="outside the working dir"):

@@ -314,7 +314,7 @@ def trial_rows(grid, config: Config, stage: str) -> list[dict]:
             "trial_id": metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_"),
             **{_short(k, stage): v for k, v in params.items()},
             METRIC: metrics.get(METRIC, math.nan),
-            "loss": metrics.get("loss", math.nan),
+            "loss": metrics.get("loss"),  # absent when no log step fell before the last report
             "step": metrics.get("step"),
             "evaluations": metrics.get("training_iteration", 0),
             "status": _status(result, metrics, total),
