@@ -83,7 +83,7 @@ def generate_at_scale(files: dict[str, bytes], captions: list[str], *, decoder_g
 def clip_space_metrics(pipeline: UnCLIPPipeline, real_emb: np.ndarray, text_emb: np.ndarray,
                        generated: np.ndarray) -> dict[str, float]:
     """FD, KID, precision/recall/F1 and CLIP score of generated images vs held-out images."""
-    fake = torch.from_numpy(generated).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    fake = torch.tensor(generated).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     fake_emb = pipeline.clip.encode_image(fake, normalize=True).numpy()
     repeats = len(fake_emb) // len(text_emb)
     size = min(len(real_emb), len(fake_emb))
