@@ -89,9 +89,14 @@ def stage_pipeline(pipeline_dir: str | Path, staging: Path, sampling: dict | Non
     if not (source / "config.json").is_file():
         raise RegistryError(f"{source}: not a saved pipeline (no config.json)")
     shutil.copytree(source, staging)
-    config_path = staging / "config.json"
+    return _merge_sampling(staging, sampling or {})
+
+
+def _merge_sampling(pipeline_dir: Path, sampling: dict) -> dict:
+    """Overlay `sampling` on the pipeline's saved sampling settings; returns the result."""
+    config_path = pipeline_dir / "config.json"
     config = json.loads(config_path.read_text())
-    config["sampling"] = {**config.get("sampling", {}), **(sampling or {})}
+    config["sampling"] = {**config.get("sampling", {}), **sampling}
     config_path.write_text(json.dumps(config, indent=2))
     return config["sampling"]
 
@@ -266,7 +271,7 @@ def resolve_model_uri(uri: str, *, tracking_uri: str | None = None,
         if found is None:
             raise RegistryError(f"{uri}: neither a saved pipeline nor an MLflow pyfunc model")
         return found
-    _connect(tracking_uri)
+    client = _connect(tracking_uri)
     target = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="unclip-model-"))
     try:
         downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
@@ -277,9 +282,9 @@ def resolve_model_uri(uri: str, *, tracking_uri: str | None = None,
     found = pipeline_dir_in(downloaded)
     if found is None:
         raise RegistryError(f"{uri}: downloaded, but it holds no unCLIP pipeline")
-    version = model_version(MlflowClient(), uri)
+    version = model_version(client, uri)
     if version:
-        apply_tuned_sampling(_get_version(MlflowClient(), *version).tags, found)
+        apply_tuned_sampling(_get_version(client, *version).tags, found)
     return found
 
 
@@ -307,8 +312,5 @@ def apply_tuned_sampling(tags: dict, pipeline_dir: Path) -> dict:
         except (KeyError, ValueError):
             continue  # absent, or not a number: keep the saved default
     if tuned:
-        config_path = pipeline_dir / "config.json"
-        config = json.loads(config_path.read_text())
-        config["sampling"] = {**config.get("sampling", {}), **tuned}
-        config_path.write_text(json.dumps(config, indent=2))
+        _merge_sampling(pipeline_dir, tuned)
     return tuned
