@@ -78,6 +78,9 @@ def _epochs(samples: int, config: Config, stage: str) -> int:
     return math.ceil(spec.steps * per_step / samples) + 1
 
 
+REORDER_BLOCKS = 64
+
+
 def _image_datasets(config: Config, stage: str, train_samples: int, counter) -> dict:
     pre, uri = config.data.preprocess, config.data.uri
     columns = ["image", "tokens", "caption"] if stage == "clip" else ["image", "tokens"]
@@ -88,10 +91,9 @@ def _image_datasets(config: Config, stage: str, train_samples: int, counter) -> 
 
     num_epochs = _epochs(train_samples, config, stage)
     if config.data.materialize_train:
-        train = _reordered_epochs(epoch(0).materialize(), num_epochs, config.seed)
+        train = _reordered_epochs(epoch(0), num_epochs, config.seed)
     else:
-        epochs = [epoch(e) for e in range(num_epochs)]
-        train = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
+        train = _concat([epoch(e) for e in range(num_epochs)])
     test = image_caption_dataset(uri, "test", pre, train=False, seed=config.seed,
                                  counter=counter)
     return {"train": train, "test": test.select_columns(["image", "tokens", "caption"])}
@@ -99,9 +101,14 @@ def _image_datasets(config: Config, stage: str, train_samples: int, counter) -> 
 
 def _reordered_epochs(base: ray.data.Dataset, num_epochs: int, seed: int) -> ray.data.Dataset:
     """A materialized split repeated `num_epochs` times, each in its own seeded block order
-    (the worker's local shuffle buffer mixes within blocks)."""
-    epochs = [base.randomize_block_order(seed=seed + e) for e in range(num_epochs)]
-    return epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
+    (the worker's local shuffle buffer mixes within blocks). Split into REORDER_BLOCKS blocks
+    first: a small split is often one or two blocks, whose order barely changes."""
+    base = base.repartition(REORDER_BLOCKS).materialize()
+    return _concat([base.randomize_block_order(seed=seed + e) for e in range(num_epochs)])
+
+
+def _concat(parts: list[ray.data.Dataset]) -> ray.data.Dataset:
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def embedding_split_dataset(config: Config, split: str) -> ray.data.Dataset:
@@ -115,7 +122,7 @@ def embedding_split_dataset(config: Config, split: str) -> ray.data.Dataset:
 def _embedding_datasets(config: Config, train_samples: int) -> dict:
     # embeddings are small: read once, then a seeded block order per epoch (plus the
     # worker's local shuffle buffer) instead of a full all-to-all shuffle every epoch
-    base = embedding_split_dataset(config, "train").materialize()
+    base = embedding_split_dataset(config, "train")
     return {"train": _reordered_epochs(base, _epochs(train_samples, config, "prior"), config.seed),
             "test": embedding_split_dataset(config, "test")}
 
