@@ -25,14 +25,11 @@ def connect(config: Config | None = None) -> None:
     if ray.is_initialized():
         return
     address = (config.ray.address if config else None) or os.environ.get("RAY_ADDRESS")
-    # workers log at WARNING: Ray Train's per-report INFO lines would drown our progress lines
-    quiet = {"logging_level": logging.WARNING,
-             "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if address:
-        ray.init(address=address, **quiet)
+        ray.init(address=address, logging_level=logging.WARNING)
         return
     num_cpus = config.ray.num_cpus if config else None
     # keep the dashboard: Ray's state API needs it, and Train's placement-group cleaner
     # uses that API to free a stopped run's CPUs (without it a stopped Tune trial's
     # placement group can outlive the trial)
-    ray.init(address="local", num_cpus=num_cpus, **quiet)
+    ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING)
