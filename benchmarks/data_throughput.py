@@ -1,8 +1,8 @@
 """Streaming throughput (images/s) from a real S3 endpoint through decode + preprocessing.
 
 Two cases, each read from a local moto S3 server over HTTP:
-  A. 32x32 PNG shapes, preprocessed at 32 (seed 001's setting);
-  B. 256x256 JPEG shapes, random crop then resize to 128 (seed 000's setting).
+  A. 32x32 PNG shapes, preprocessed at 32 (the setting of Luo 2023, sec. 3.1);
+  B. 256x256 JPEG shapes, random crop then resize to 128 (as in Grazys 2023, sec. 3.2).
 Two readers per case, measured side by side in one run:
   ray-data   : this project's Ray Data pipeline (data_pipelines.streaming), one consumer;
   wds-loader : torch DataLoader(num_workers=2) over the webdataset library, reading the same

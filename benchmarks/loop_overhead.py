@@ -27,11 +27,11 @@ def bare_step_time(config, stage: str, steps: int) -> float:
     """Median seconds per optimizer step of the plain loop: same task code and recipe
     (AdamW, grad clipping, EMA of weights), no Ray, no DeepSpeed."""
     from orchestration.engine_setup import EMA, build_optimizer
-    from orchestration.tasks import TASKS, LossModule
-    from orchestration.training_job import portable_uri
+    from orchestration.stages import task_class
+    from orchestration.tasks.base import LossModule
 
-    kwargs = {"clip_dir": portable_uri(config, "clip")} if stage != "clip" else {}
-    task = TASKS[stage](config, **kwargs)
+    task = task_class(stage)(config)
+    task.setup(device=torch.device("cpu"))
     torch.manual_seed(0)
     module = LossModule(task.build_model(), task.compute_loss)
     optimizer = build_optimizer(module, config.stage(stage), config.deepspeed)

@@ -11,7 +11,8 @@ SHAPES = ("rectangle", "square", "triangle", "circle", "ellipse", "pentagon")
 
 
 class ShapesSettings(BaseModel):
-    """Seed 001's synthetic dataset: coloured shapes on grey with generated captions."""
+    """The synthetic dataset of Luo 2023 (sec. 3.1): coloured shapes on grey with generated
+    captions."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -44,7 +45,7 @@ class PreprocessSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image_size: int = Field(32, ge=8, le=1024)
-    random_crop: bool = False  # seed 000: random crop, then resize
+    random_crop: bool = False  # random crop, then resize (Grazys 2023, sec. 3.2)
     crop_scale: tuple[float, float] = (0.6, 1.0)
     hflip: bool = True
     context_length: int = Field(32, ge=4, le=77)

@@ -1,4 +1,5 @@
-"""Seed 001's synthetic dataset: coloured shapes on grey, with captions generated from them.
+"""The synthetic dataset of Luo 2023 (sec. 3.1): coloured shapes on grey, with captions
+generated from them.
 
 Each image holds one or two shapes (rectangle, square, triangle, circle, ellipse, pentagon)
 with a colour, a size word and, optionally, a position word. Some (colour, shape) pairs never
@@ -77,7 +78,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: flo
         w, h = (half, short) if rng.random() < 0.5 else (short, half)
         box = [cx - w, cy - h, cx + w, cy + h]
         (draw.rectangle if shape == "rectangle" else draw.ellipse)(box, fill=fill)
-    else:  # triangles and pentagons are randomly rotated (seed 001)
+    else:  # triangles and pentagons are randomly rotated (Luo 2023, sec. 3.1)
         sides = 3 if shape == "triangle" else 5
         draw.polygon(_polygon(cx, cy, half, sides, rng.uniform(0, 2 * math.pi)), fill=fill)
 

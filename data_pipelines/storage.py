@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlparse
 
-import pyarrow.fs as pafs
+if TYPE_CHECKING:  # pyarrow is imported on first use: importing this module stays cheap
+    import pyarrow.fs as pafs
 
 
 class StorageError(RuntimeError):
@@ -26,12 +29,51 @@ def is_s3_uri(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+# scheme://userinfo@host: anything before an `@` in the authority (user:password or a bare token)
+_USERINFO_RE = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#@]+@", re.IGNORECASE)
+_SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+# query/fragment parameter names that carry a secret (compared lower-case, `-` read as `_`)
+_SECRET_PARAMS = frozenset({
+    "token", "access_token", "refresh_token", "id_token", "auth_token", "session_token",
+    "password", "passwd", "secret", "client_secret", "sig", "signature", "api_key", "apikey",
+    "x_amz_signature", "x_amz_credential", "x_amz_security_token",
+    "x_goog_signature", "x_goog_credential",
+})
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether a URI of any scheme embeds a secret: `user:password@` or a bare `TOKEN@` in its
+    authority, or a secret-bearing query/fragment parameter (`?token=`, `X-Amz-Signature=`,
+    `password=`, `sig=`, `api_key=`, ..., case-insensitive, non-empty value).
+
+    `models:/name@alias` (no `//` authority) and `@` in a path are not credentials.
+    """
+    if not uri or not _SCHEME_RE.match(uri):
+        return False
+    if _USERINFO_RE.match(uri):
+        return True
+    # split by hand: urlsplit raises on some malformed authorities, and this must never raise
+    rest, _, fragment = uri.partition("#")
+    for part in (rest.partition("?")[2], fragment):
+        for name, value in parse_qsl(part, keep_blank_values=True):
+            if value and name.strip().lower().replace("-", "_") in _SECRET_PARAMS:
+                return True
+    return False
+
+
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def s3_region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _pafs():
+    """pyarrow.fs, imported on first use (the CLI answers config errors before heavy imports)."""
+    import pyarrow.fs
+
+    return pyarrow.fs
 
 
 @lru_cache(maxsize=8)
@@ -41,7 +83,7 @@ def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
-    return pafs.S3FileSystem(**kwargs)
+    return _pafs().S3FileSystem(**kwargs)
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
@@ -66,13 +108,13 @@ class Location:
 
     def exists(self) -> bool:
         try:
-            return self.filesystem.get_file_info(self.path).type != pafs.FileType.NotFound
+            return self.filesystem.get_file_info(self.path).type != _pafs().FileType.NotFound
         except OSError as exc:
             raise StorageError(_describe(exc, self.uri)) from None
 
     def is_dir(self) -> bool:
         try:
-            return self.filesystem.get_file_info(self.path).type == pafs.FileType.Directory
+            return self.filesystem.get_file_info(self.path).type == _pafs().FileType.Directory
         except OSError as exc:
             raise StorageError(_describe(exc, self.uri)) from None
 
@@ -108,21 +150,23 @@ class Location:
 
     def list_files(self, recursive: bool = True) -> list[str]:
         """Paths (filesystem-relative, no scheme) of files under this location, sorted."""
+        fs = _pafs()
         try:
             infos = self.filesystem.get_file_info(
-                pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True)
+                fs.FileSelector(self.path, recursive=recursive, allow_not_found=True)
             )
         except OSError as exc:
             raise StorageError(_describe(exc, self.uri)) from None
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+        return sorted(i.path for i in infos if i.type == fs.FileType.File)
 
     def delete(self) -> None:
         """Remove this file or folder (prefix) if present."""
+        file_type = _pafs().FileType
         try:
             info = self.filesystem.get_file_info(self.path)
-            if info.type == pafs.FileType.Directory:
+            if info.type == file_type.Directory:
                 self.filesystem.delete_dir(self.path)
-            elif info.type == pafs.FileType.File:
+            elif info.type == file_type.File:
                 self.filesystem.delete_file(self.path)
         except OSError as exc:
             raise StorageError(_describe(exc, self.uri)) from None
@@ -148,7 +192,7 @@ def resolve(uri: str) -> Location:
             f"unsupported URI scheme '{scheme}://' in {uri!r}; use a local path or s3://bucket/prefix"
         )
     path = str(Path(uri).expanduser().absolute())
-    return Location(path, pafs.LocalFileSystem(), path)
+    return Location(path, _pafs().LocalFileSystem(), path)
 
 
 def _describe(exc: OSError, uri: str) -> str:

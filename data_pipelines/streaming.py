@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from functools import lru_cache
 
 import numpy as np
 import ray
@@ -60,15 +59,12 @@ def bad_record_budget(max_fraction: float):
         ray.kill(counter)
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(context_length: int):
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer(context_length=context_length)
-
-
 def tokenize(captions: list[str], context_length: int) -> np.ndarray:
-    return _tokenizer(context_length)(list(captions), context_length=context_length).numpy()
+    """`models.clip_model.tokenize` as an int64 array (imported here, on first use: importing
+    this module does not pay for torch and open_clip)."""
+    from models.clip_model import tokenize as clip_tokenize
+
+    return clip_tokenize(captions, context_length=context_length).numpy()
 
 
 def _sample_rng(key: str, seed: int, epoch: int) -> np.random.Generator:

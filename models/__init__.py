@@ -1,25 +1,41 @@
 """Pure-PyTorch unCLIP models: CLIP (open_clip), diffusion, prior, decoder, pipeline, metrics.
 
-Importing this package imports torch and open_clip only (never Ray, MLflow or boto3).
+Importing this package imports nothing heavy: each name below loads its submodule (torch,
+open_clip) on first access. The submodules never import Ray, MLflow or boto3.
 """
 
-from models.clip_model import (
-    ClipContrastiveLoss,
-    build_clip,
-    clamp_logit_scale_,
-    encode_text_with_tokens,
-    tokenize,
-)
-from models.decoder import DecoderConfig, UnCLIPDecoder, build_decoder
-from models.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, beta_schedule
-from models.presets import (
-    build_clip_preset,
-    build_decoder_preset,
-    build_prior_preset,
-    list_presets,
-)
-from models.prior import PriorConfig, UnCLIPPrior, build_prior
-from models.unclip_pipeline import UnCLIPPipeline
+from __future__ import annotations
+
+import importlib
+
+# name -> submodule; `from models import X` imports that submodule (and torch) on first use, so
+# importing `models.presets` or a light submodule does not pay for every model at once.
+_EXPORTS = {
+    "ClipContrastiveLoss": "clip_model", "build_clip": "clip_model",
+    "clamp_logit_scale_": "clip_model", "encode_text_with_tokens": "clip_model",
+    "tokenize": "clip_model",
+    "DecoderConfig": "decoder", "UnCLIPDecoder": "decoder", "build_decoder": "decoder",
+    "GaussianDiffusion": "diffusion", "LossType": "diffusion", "ModelMeanType": "diffusion",
+    "ModelVarType": "diffusion", "beta_schedule": "diffusion",
+    "build_clip_preset": "presets", "build_decoder_preset": "presets",
+    "build_prior_preset": "presets", "list_presets": "presets",
+    "PriorConfig": "prior", "UnCLIPPrior": "prior", "build_prior": "prior",
+    "UnCLIPPipeline": "unclip_pipeline",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "ClipContrastiveLoss", "DecoderConfig", "GaussianDiffusion", "LossType", "ModelMeanType",

@@ -102,7 +102,7 @@ def encode_text_with_tokens(
     """(text embedding [B, D], per-token encodings [B, L, W] after ln_final).
 
     Mirrors `CLIP.encode_text` but keeps the token sequence, which the prior and the decoder
-    read as the "text encoding" (seed 001, section 3.2.1).
+    read as the "text encoding" (Luo 2023, sec. 3.2.1).
     """
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)

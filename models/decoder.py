@@ -27,8 +27,10 @@ from models.typed_config import config_from_dict, config_to_dict
 
 
 class CondDropMode(StrEnum):
-    JOINT = "joint"  # drop image emb and text together with cond_drop_prob (seed 001: 0.2)
-    SEPARATE = "separate"  # independent image_drop_prob / text_drop_prob (DALL-E 2: 0.1 / 0.5)
+    # drop image emb and text together with cond_drop_prob (Luo 2023, sec. 3.3.2: 0.2)
+    JOINT = "joint"
+    # independent image_drop_prob / text_drop_prob (Ramesh et al. 2022, sec. 2.1: 0.1 / 0.5)
+    SEPARATE = "separate"
 
 
 @dataclass

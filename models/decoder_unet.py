@@ -1,9 +1,10 @@
 """ADM/GLIDE-style U-Net for the unCLIP decoder. Pure nn: it knows nothing about diffusion.
 
-Conditioning (seed 001 section 3.3.1, DALL-E 2 section 2.1):
+Conditioning (Luo 2023, sec. 3.3.1; Ramesh et al. 2022, sec. 2.1):
 - the CLIP image embedding is projected into `num_image_tokens` context tokens that every
   attention layer attends to, and optionally also added to the timestep embedding
-  (`TimeConditioning`; seed 001 found adding hurt, seed 003 used it);
+  (`TimeConditioning`; Luo 2023, sec. 3.3.1, found adding hurt, Zbinden 2022, sec. 4.2.1,
+  used it);
 - optional per-token CLIP text encodings, projected into more context tokens;
 - learned null tokens replace dropped conditioning (classifier-free guidance).
 A super-resolution stage reuses this network with `low_res_channels` > 0: the (upsampled)
@@ -22,8 +23,9 @@ from models.timestep_embedding import sinusoidal_embedding
 
 
 class TimeConditioning(StrEnum):
-    TIMESTEP = "timestep"  # timestep embedding only (seed 001)
-    TIMESTEP_PLUS_IMAGE_EMB = "timestep_plus_image_emb"  # also add projected image emb (ADM/003)
+    TIMESTEP = "timestep"  # timestep embedding only (Luo 2023, sec. 3.3.1)
+    # also add the projected image emb (ADM; Ramesh et al. 2022, sec. 2.1; Zbinden 2022, sec. 4.2.1)
+    TIMESTEP_PLUS_IMAGE_EMB = "timestep_plus_image_emb"
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -205,7 +207,8 @@ class DecoderUNet(nn.Module):
         """Predict from x_t [B, C, H, W] and timesteps t [B].
 
         `cond_drop` drops all conditioning (the unconditional model of guidance); `image_drop`
-        and `text_drop` drop one input each (DALL-E 2's separate training dropout rates).
+        and `text_drop` drop one input each (the separate dropout rates of Ramesh et al. 2022,
+        sec. 2.1).
         """
         batch = x.shape[0]
         no_drop = torch.zeros(batch, dtype=torch.bool, device=x.device)

@@ -21,14 +21,15 @@ Denoiser = Callable[..., torch.Tensor]
 
 class ModelMeanType(StrEnum):
     EPSILON = "epsilon"  # predict the added noise
-    START_X = "start_x"  # predict x_0 directly (DALL-E 2 prior)
+    START_X = "start_x"  # predict x_0 directly (DALL-E 2 prior, Ramesh et al. 2022, sec. 2.2)
     VELOCITY = "velocity"  # predict v = sqrt(abar) eps - sqrt(1 - abar) x_0
 
 
 class ModelVarType(StrEnum):
     FIXED_SMALL = "fixed_small"  # posterior variance beta~_t
     FIXED_LARGE = "fixed_large"  # beta_t
-    LEARNED_RANGE = "learned_range"  # interpolate log-variance between the two (seed 003)
+    # interpolate log-variance between the two (Nichol & Dhariwal 2021; Zbinden 2022, eq. 3.7)
+    LEARNED_RANGE = "learned_range"
 
 
 class LossType(StrEnum):
@@ -44,7 +45,9 @@ class Sampler(StrEnum):
 class Thresholding(StrEnum):
     NONE = "none"
     STATIC = "static"  # clamp predicted x_0 to [-1, 1]
-    DYNAMIC = "dynamic"  # Imagen: divide by the per-sample percentile of |x_0| when above 1
+    # Imagen (Saharia et al. 2022), used by Zbinden 2022, sec. 3.1.2 and 4.2: divide by the
+    # per-sample percentile of |x_0| when above 1
+    DYNAMIC = "dynamic"
 
 
 def beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
@@ -270,7 +273,8 @@ class GaussianDiffusion:
         channels = x0.shape[1]
         terms: dict[str, torch.Tensor] = {}
         if self.model_var_type is ModelVarType.LEARNED_RANGE:
-            # Stop-gradient on the mean: the VB term trains only the variance (seed 003, eq 3.17).
+            # Stop-gradient on the mean: the VB term trains only the variance
+            # (Zbinden 2022, sec. 3.1.1, eq. 3.17).
             frozen = torch.cat([output[:, :channels].detach(), output[:, channels:]], dim=1)
             terms["vb"] = self._vb_bits_per_dim(frozen, x0, x_t, t)
         target = {
@@ -360,7 +364,8 @@ class GaussianDiffusion:
                     model_kwargs: dict | None = None, steps: int | None = None,
                     guidance_scale: float = 1.0) -> torch.Tensor:
         """Run DDIM (eta=0) forwards: x_0 -> the x_T from which `sample(..., sampler="ddim",
-        eta=0, steps=steps)` approximately reconstructs x_0 (DALL-E 2 variations, text diffs)."""
+        eta=0, steps=steps)` approximately reconstructs x_0 (DALL-E 2 variations and text diffs:
+        Ramesh et al. 2022, sec. 3.1 and 3.3)."""
         chain = self.respaced(steps)
         x = x0
         for i in range(chain.num_timesteps - 1):

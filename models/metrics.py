@@ -2,7 +2,7 @@
 
 Image-quality metrics (FD, KID, precision/recall) take features from any encoder; by default
 the project uses its own trained CLIP image encoder, since Inception weights cannot be
-downloaded here. Embedding metrics follow seed 001 tables 4.1 and 4.2.
+downloaded here. Embedding metrics follow Luo 2023, sec. 4.6.1-4.6.2 (tables 4.1 and 4.2).
 """
 
 from __future__ import annotations
@@ -92,17 +92,35 @@ def precision_recall(real, fake, *, k: int = 3) -> dict[str, float]:
 def clip_score(image_emb, text_emb) -> float:
     """Mean cosine similarity of matching (image, text) rows, in [-1, 1].
 
-    Plain mean cosine, as seed 001 reports (0.852 for its CLIP); multiply by 100 and clip at 0
-    for the CLIPScore convention of Hessel et al.
+    Plain mean cosine, as Luo 2023 reports it (0.852 for its CLIP, table 4.1); multiply by 100
+    and clip at 0 for the CLIPScore convention of Hessel et al.
     """
     return float((_unit_rows(image_emb) * _unit_rows(text_emb)).sum(axis=1).mean())
+
+
+def image_set_metrics(real_emb, fake_emb, text_emb) -> dict[str, float]:
+    """Generated vs real images in one feature space: fd_clip, kid_clip (mean over 10 subsets),
+    precision/recall/f1 (k=3) and clip_score of each generated image against its caption.
+
+    `text_emb` [C, D] holds one row per caption; `fake_emb` [C * n, D] the n images generated
+    per caption, grouped by caption (caption 0's n images first), as the pipeline returns them.
+    """
+    real, fake, text = _as_numpy(real_emb), _as_numpy(fake_emb), _as_numpy(text_emb)
+    if len(text) == 0 or len(fake) % len(text):
+        raise ValueError(f"{len(fake)} generated embeddings are not a whole number of images "
+                         f"per caption for {len(text)} captions")
+    kid, _ = kernel_inception_distance(real, fake, subsets=10,
+                                       subset_size=min(len(real), len(fake)))
+    return {"fd_clip": frechet_distance(real, fake), "kid_clip": kid,
+            **precision_recall(real, fake, k=3),
+            "clip_score": clip_score(fake, np.repeat(text, len(fake) // len(text), axis=0))}
 
 
 def zero_shot_topk(image_emb, caption_emb, labels, *, ks=(1, 5)) -> dict[str, float]:
     """Retrieval accuracy: is the image's own caption among the k most similar captions?
 
     `caption_emb` [C, D] is the candidate caption set; `labels` [N] the index of each image's
-    caption in it (seed 001 table 4.1 uses every test caption as the candidate set).
+    caption in it (Luo 2023, sec. 4.6.1, table 4.1, takes every test caption as the candidates).
     """
     sims = _unit_rows(image_emb) @ _unit_rows(caption_emb).T
     labels = np.asarray(labels)
@@ -111,7 +129,7 @@ def zero_shot_topk(image_emb, caption_emb, labels, *, ks=(1, 5)) -> dict[str, fl
 
 
 def prior_cosines(generated, text, true_image, *, seed: int = 0) -> dict[str, float]:
-    """Seed 001 table 4.2: mean cosines of generated embeddings vs their text, vs the true image
+    """Luo 2023, table 4.2: mean cosines of generated embeddings vs their text, vs the true image
     embedding, the text-vs-true-image baseline, and vs a random (shuffled) other text."""
     gen, txt, img = _unit_rows(generated), _unit_rows(text), _unit_rows(true_image)
     n = len(gen)
@@ -125,7 +143,7 @@ def prior_cosines(generated, text, true_image, *, seed: int = 0) -> dict[str, fl
 
 
 def nearest_neighbour_novelty(generated, train, *, k: int = 3) -> dict[str, object]:
-    """Cosine similarity to the k nearest training embeddings (seed 001 figure 4.10).
+    """Cosine similarity to the k nearest training embeddings (Luo 2023, sec. 4.6.3, fig. 4.10).
 
     High max similarity (close to 1) flags memorised samples. Returns the neighbour indices
     [N, k], their similarities [N, k] and the mean of the nearest similarity.

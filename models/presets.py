@@ -16,28 +16,30 @@ from models.typed_config import check_known_keys
 # CLIP presets: open_clip model names (ours are registered JSON configs in clip_configs/).
 CLIP_PRESETS: dict[str, dict] = {
     "shapes-tiny": {},
-    "shapes-paper": {},  # seed 001: ResNet image tower, 8-layer width-64 text, 256-d embedding
+    # Luo 2023, sec. 3.2 and appendix A: ResNet image tower, 8-layer width-64 text, 256-d embedding
+    "shapes-paper": {},
     "ViT-B-32": {},  # standard open_clip architecture for clusters (random init)
 }
 
 PRIOR_PRESETS: dict[str, dict] = {
     "shapes-tiny": {"width": 128, "layers": 2, "heads": 4, "num_timesteps": 100},
-    # seed 001 appendix A: 8 layers, width 256, 16 heads, 200 cosine steps, x0 prediction
+    # Luo 2023, appendix A: 8 layers, width 256, 16 heads, 200 cosine steps; x0 prediction
+    # as in its sec. 3.4.2
     "shapes-paper": {"width": 256, "layers": 8, "heads": 16, "mlp_ratio": 2.0,
                      "num_timesteps": 200, "schedule": "cosine", "mean_type": "start_x"},
-    # seed 003 section 4.3: 30 residual MLP layers, dropout 0.1, MSE, no diffusion
+    # Zbinden 2022, sec. 4.3: 30 residual MLP layers, dropout 0.1, MSE, no diffusion
     "mlp-translator": {"kind": "mlp_translator", "width": 1024, "layers": 30, "dropout": 0.1},
 }
 
 DECODER_PRESETS: dict[str, dict] = {
     "shapes-tiny": {"image_size": 32, "base_channels": 32, "channel_mults": (1, 2, 2),
                     "num_res_blocks": 1, "attention_resolutions": (8,), "num_timesteps": 100},
-    # seed 001 appendix A: channels 64/128/256, 300 cosine steps, eps, null rate 0.2
+    # Luo 2023, appendix A: channels 64/128/256, 300 cosine steps, eps, null rate 0.2
     "shapes-paper": {"image_size": 32, "base_channels": 64, "channel_mults": (1, 2, 4),
                      "num_res_blocks": 1, "attention_resolutions": (8,), "time_embed_dim": 32,
                      "num_timesteps": 300, "schedule": "cosine", "mean_type": "epsilon",
                      "cond_drop_mode": "joint", "cond_drop_prob": 0.2},
-    # seed 003 section 4.2 style: 64x64, learned variance + hybrid loss, 1000 cosine steps,
+    # Zbinden 2022, sec. 4.2 style: 64x64, learned variance + hybrid loss, 1000 cosine steps,
     # image embedding also added to the timestep embedding, dropout 0.1
     "cluster-64": {"image_size": 64, "base_channels": 128, "channel_mults": (1, 2, 3, 4),
                    "num_res_blocks": 3, "attention_resolutions": (32, 16, 8),

@@ -1,9 +1,10 @@
 """Priors: CLIP text embedding (+ per-token text encodings) -> CLIP image embedding.
 
 Two choices (`PriorKind`): DALL-E 2's diffusion prior, a causal transformer predicting the clean
-image embedding (seed 001 section 3.4, algorithms 4-5), and seed 003's MLP "CLIP translator"
-trained with plain MSE. Both see embeddings in a normalised space whose statistics are buffers
-of `UnCLIPPrior`, so they are saved with the weights.
+image embedding (Ramesh et al. 2022, sec. 2.2; Luo 2023, sec. 3.4, algorithms 4-5), and the MLP
+"CLIP translator" of Zbinden 2022 (sec. 4.3) trained with plain MSE. Both see embeddings in a
+normalised space whose statistics are buffers of `UnCLIPPrior`, so they are saved with the
+weights.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class DiffusionPriorTransformer(nn.Module):
 
 
 class MLPTranslator(nn.Module):
-    """Seed 003's CLIP translator: residual MLP blocks (LayerNorm, Linear, GELU, dropout)."""
+    """CLIP translator of Zbinden 2022 (sec. 4.3.1, fig. 4.4): residual MLP blocks (LayerNorm,
+    Linear, GELU, dropout)."""
 
     def __init__(self, *, clip_embed_dim: int, width: int, layers: int, dropout: float):
         super().__init__()
@@ -241,7 +243,8 @@ class UnCLIPPrior(nn.Module):
         """Image embeddings [B, D] in CLIP space.
 
         Diffusion: draws `num_candidates` per text and keeps the one with the largest dot
-        product with the text embedding (seed 001 algorithm 5). MLP: one deterministic forward.
+        product with the text embedding (Ramesh et al. 2022, sec. 2.2; Luo 2023, algorithm 5).
+        MLP: one deterministic forward.
         """
         was_training = self.training
         self.eval()

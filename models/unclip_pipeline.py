@@ -32,7 +32,7 @@ class SamplingDefaults:
     prior_sampler: str = "ddpm"
     prior_steps: int | None = None  # None: every training timestep
     num_candidates: int = 2  # best-of-N by dot product with the text embedding
-    decoder_guidance: float = 2.0  # seed 001: best FID/KID at s = 2 .. 2.5
+    decoder_guidance: float = 2.0  # Luo 2023, sec. 4.2, fig. 4.3: best FID/KID at s = 2 .. 2.5
     sampler: str = "ddim"
     steps: int | None = 50
     eta: float = 0.0
@@ -143,7 +143,8 @@ class UnCLIPPipeline(nn.Module):
     def variations(self, image_emb: torch.Tensor, *, num_variations: int = 4, seed: int = 0,
                    eta: float = 1.0, steps: int | None = None,
                    decoder_guidance: float | None = None) -> torch.Tensor:
-        """Decode one image embedding several times with DDIM eta > 0 (DALL-E 2 variations)."""
+        """Decode one image embedding several times with DDIM eta > 0 (DALL-E 2 variations,
+        Ramesh et al. 2022, sec. 3.1)."""
         generator = torch.Generator().manual_seed(seed)
         emb = image_emb.reshape(1, -1).to(self.device).expand(num_variations, -1)
         return self._decode(emb, generator=generator, guidance=decoder_guidance,
@@ -154,7 +155,8 @@ class UnCLIPPipeline(nn.Module):
                     seed: int = 0, steps: int | None = None,
                     decoder_guidance: float | None = None,
                     images: torch.Tensor | None = None) -> torch.Tensor:
-        """Slerp from emb_a to emb_b in `num` frames, decoded from one fixed x_T (DDIM eta=0).
+        """Slerp from emb_a to emb_b in `num` frames, decoded from one fixed x_T (DDIM eta=0);
+        the interpolations of Ramesh et al. 2022, sec. 3.2.
 
         With `images` (image A, [1, 3, H, W]) x_T comes from DDIM inversion of that image.
         """
@@ -173,7 +175,7 @@ class UnCLIPPipeline(nn.Module):
                   images: torch.Tensor | None = None) -> torch.Tensor:
         """Edit an image towards a new caption: slerp(z_i, norm(z_t' - z_t), r) per ratio.
 
-        DALL-E 2 section 3.3 (seed 001 section 4.4 uses a linear mix; slerp keeps unit norm).
+        Ramesh et al. 2022, sec. 3.3 (Luo 2023, sec. 4.4, mixes linearly; slerp keeps unit norm).
         A fixed x_T (DDIM inversion of `images` when given) keeps the layout across ratios.
         """
         generator = torch.Generator().manual_seed(seed)

@@ -1,4 +1,9 @@
-"""The `unclip` command line. Every command validates its config before touching Ray."""
+"""The `unclip` command line. Every command validates its config before touching Ray.
+
+Importing this module stays light (typer, pydantic, yaml): torch, DeepSpeed, Ray, MLflow,
+open_clip, pyarrow and boto3 load inside each command, after its config is loaded and
+validated, so `--help` and bad input answer at once.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import typer
 from orchestration.config import Config, ConfigError, load_config
 from orchestration.jobs_cli import register as register_job_commands
 from orchestration.registry_cli import generate, models_app, serve
+from orchestration.stages import STAGES
 from tuning.cli import tune_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -59,8 +65,8 @@ def data_shapes(
     out: Annotated[str | None, typer.Option(help="Output URI (default: data.uri)")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    train_size: Annotated[int | None, typer.Option(help="Train images (paper: 20000)")] = None,
-    test_size: Annotated[int | None, typer.Option(help="Test images (paper: 2000)")] = None,
+    train_size: Annotated[int | None, typer.Option(help="Train images (Luo 2023: 20000)")] = None,
+    test_size: Annotated[int | None, typer.Option(help="Test images (Luo 2023: 2000)")] = None,
     image_size: Annotated[int | None, typer.Option(help="Image side in pixels")] = None,
     position: Annotated[bool | None, typer.Option(
         "--position/--no-position", help="Mention positions in captions")] = None,
@@ -68,10 +74,7 @@ def data_shapes(
     seed: Annotated[int | None, typer.Option(help="Dataset seed")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset")] = False,
 ) -> None:
-    """Render seed 001's coloured-shapes dataset into shards (in parallel on Ray)."""
-    from data_pipelines.shapes import build_shapes
-    from orchestration.ray_runtime import connect
-
+    """Render the coloured-shapes dataset of Luo 2023, sec. 3.1, into shards (in parallel, Ray)."""
     overrides = list(set_ or [])
     for key, value in (("train_size", train_size), ("test_size", test_size),
                        ("image_size", image_size), ("include_position", position),
@@ -83,6 +86,9 @@ def data_shapes(
     if out is not None:
         overrides.append(f"data.uri={out}")
     cfg = _config(config, overrides)
+    from data_pipelines.shapes import build_shapes
+    from orchestration.ray_runtime import connect
+
     connect(cfg)
     start = time.monotonic()
     manifest = build_shapes(cfg.data.uri, cfg.data.shapes, fmt=cfg.data.format,
@@ -106,12 +112,12 @@ def data_ingest(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset")] = False,
 ) -> None:
     """Import images + captions a user has into shards, skipping and recording bad files."""
-    from data_pipelines.ingest import ingest
-
     if fmt not in ("webdataset", "parquet"):
         raise UserError(f"--format {fmt!r}: use webdataset or parquet")
     if not 0 <= test_fraction < 1:
         raise UserError(f"--test-fraction {test_fraction}: must be in [0, 1)")
+    from data_pipelines.ingest import ingest
+
     manifest = ingest(src, out, fmt=fmt, samples_per_shard=samples_per_shard,
                       test_fraction=test_fraction, max_skip_fraction=max_skip_fraction,
                       seed=seed, overwrite=overwrite)
@@ -158,10 +164,10 @@ def stream(
     workers: Annotated[int, typer.Option(help="Consumers (streaming_split)")] = 1,
 ) -> None:
     """Stream a dataset through Ray Data preprocessing and report throughput."""
+    cfg = _config(config, set_)
     from orchestration.data_check import ensure_dataset, measure_stream
     from orchestration.ray_runtime import connect
 
-    cfg = _config(config, set_)
     connect(cfg)
     ensure_dataset(cfg, log=echo)
     stats = measure_stream(cfg, split=split, batch_size=batch_size, num_consumers=workers)
@@ -175,11 +181,11 @@ def train(
     set_: SetOpt = None,
 ) -> None:
     """Train one stage as a Ray Train + DeepSpeed job (resumes a run of the same name)."""
-    from orchestration.training_job import STAGES, run_stage
-
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     cfg = _config(config, set_)
+    from orchestration.training_job import run_stage
+
     result = run_stage(cfg, stage, log=echo)
     typer.echo(json.dumps({"stage": stage, "run_id": result.run_id,
                            "weights": result.portable_uri,
@@ -189,9 +195,10 @@ def train(
 @app.command("embed")
 def embed(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Write CLIP embedding shards (Parquet) for every split, with a manifest."""
+    cfg = _config(config, set_)
     from orchestration.embed_job import run_embed
 
-    manifest = run_embed(_config(config, set_), log=echo)
+    manifest = run_embed(cfg, log=echo)
     typer.echo(json.dumps(manifest, indent=2))
 
 
@@ -205,9 +212,9 @@ def pipeline(
     from_stage: Annotated[str | None, typer.Option(help="Start at this stage")] = None,
 ) -> None:
     """The whole DAG end to end; reruns skip complete stages and resume the interrupted one."""
+    cfg = _config(config, set_)
     from orchestration.pipeline import run_pipeline
 
-    cfg = _config(config, set_)
     try:
         summary = run_pipeline(cfg, only=only, from_stage=from_stage, log=echo)
     except ValueError as exc:
@@ -224,16 +231,31 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-def main() -> None:
-    from data_pipelines.ingest import IngestError
-    from data_pipelines.storage import StorageError
-    from orchestration.registry import RegistryError
-    from orchestration.submission import SubmissionError
+# Errors a user can fix, by (module, class). Their modules are heavy (pyarrow, MLflow), so main
+# never imports them: an error of a module that was never imported cannot have been raised.
+USER_ERRORS = (
+    ("data_pipelines.storage", "StorageError"),
+    ("data_pipelines.ingest", "IngestError"),
+    ("orchestration.registry", "RegistryError"),
+    ("orchestration.submission", "SubmissionError"),
+)
 
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [UserError, ConfigError]
+    for module_name, class_name in USER_ERRORS:
+        error = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            types.append(error)
+    return tuple(types)
+
+
+def main() -> None:
     try:
         app()
-    except (UserError, ConfigError, StorageError, IngestError, RegistryError,
-            SubmissionError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_error_types()):
+            raise
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

@@ -9,7 +9,6 @@ workers (whose working directory differs) write to the same place the user asked
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from data_pipelines.settings import PreprocessSettings, ShapesSettings
-from data_pipelines.storage import is_s3_uri
+from data_pipelines.storage import has_credentials, is_s3_uri
+from orchestration.stages import STAGES
 
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny"
@@ -74,10 +74,11 @@ class DeepSpeedConfig(Strict):
 
 
 class OptimConfig(Strict):
-    lr: float = Field(3e-4, gt=0)  # seed 000: 3e-4 best, > 1e-3 diverged
+    lr: float = Field(3e-4, gt=0)  # Grazys 2023, sec. 4.2, fig. 5: 3e-4 best, > 1e-3 diverged
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_fraction: float = Field(0.0, ge=0, lt=1)  # seed 000: no warm-up was best
+    # Grazys 2023, sec. 4.2, fig. 6: no warm-up was best
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     ema_decay: float = Field(0.999, ge=0, lt=1)
@@ -90,11 +91,26 @@ class StageConfig(Strict):
     steps: int = Field(500, ge=1)
     grad_accum: int = Field(1, ge=1)
     optim: OptimConfig = OptimConfig()
-    log_every: int = Field(20, ge=1)
-    eval_every: int = Field(250, ge=1)
+    log_every: int = Field(20, ge=1)  # steps between loss/throughput lines and metrics
+    # steps between evaluations (ASHA's rungs in sweeps); None: at every checkpoint
+    eval_every: int | None = Field(None, ge=1)
+    # steps between checkpoints; a multiple of eval_every, since checkpoints are ranked by
+    # the validation loss of the evaluation made at the same step
     checkpoint_every: int = Field(250, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)  # best by validation loss
     init_from: str | None = None  # portable weights dir/file or models:/NAME@alias to fine-tune
+
+    @property
+    def evaluation_interval(self) -> int:
+        return self.eval_every or self.checkpoint_every
+
+    @model_validator(mode="after")
+    def _check_cadence(self) -> StageConfig:
+        if self.eval_every and self.checkpoint_every % self.eval_every:
+            raise ValueError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of eval_every "
+                f"({self.eval_every}): each checkpoint is ranked by the evaluation at its step")
+        return self
 
 
 class SamplingConfig(Strict):
@@ -102,9 +118,10 @@ class SamplingConfig(Strict):
     prior_steps: int | None = Field(None, ge=1)
     decoder_steps: int | None = Field(50, ge=1)
     prior_guidance: float = Field(1.0, ge=0)
-    decoder_guidance: float = Field(2.0, ge=0)  # seed 001: best FID/KID at 2..2.5
+    # Luo 2023, sec. 4.2, fig. 4.3: best FID/KID at 2..2.5
+    decoder_guidance: float = Field(2.0, ge=0)
     eta: float = Field(0.0, ge=0)
-    num_candidates: int = Field(2, ge=1)  # best-of-N prior samples (seed 001, alg. 5)
+    num_candidates: int = Field(2, ge=1)  # best-of-N prior samples (Luo 2023, algorithm 5)
 
 
 class EvalConfig(Strict):
@@ -137,6 +154,9 @@ class Config(Strict):
     clip: StageConfig = StageConfig(preset="shapes-tiny")
     prior: StageConfig = StageConfig(preset="shapes-tiny")
     decoder: StageConfig = StageConfig(preset="shapes-tiny")
+    # sections of stages registered outside orchestration.stages (orchestration.stages.
+    # register_task); the built-in stages have their own sections above
+    extra_stages: dict[str, StageConfig] = {}
     sampling: SamplingConfig = SamplingConfig()
     eval: EvalConfig = EvalConfig()
     mlflow: MlflowConfig = MlflowConfig()
@@ -158,16 +178,19 @@ class Config(Strict):
                 "data.preprocess.hflip: flipping swaps left and right in position captions; "
                 "set data.preprocess.hflip=false or data.shapes.include_position=false"
             )
-        if _has_credentials(self.mlflow.tracking_uri):
+        if has_credentials(self.mlflow.tracking_uri):
             raise ValueError(
                 "mlflow.tracking_uri: credentials in the URI; put them in "
                 "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
             )
-        for name, uri in self.storage_uris().items():
-            if _has_credentials(uri):
+        uris = {**self.storage_uris(), "ray.address": self.ray.address or ""}
+        for name in STAGES:
+            uris[f"{name}.init_from"] = self.stage(name).init_from or ""
+        for name, uri in uris.items():
+            if has_credentials(uri):
                 raise ValueError(
-                    f"{name}: credentials in the URI; put them in AWS_ACCESS_KEY_ID/"
-                    "AWS_SECRET_ACCESS_KEY in the environment"
+                    f"{name}: credentials in the URI; give them through the environment "
+                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN), never a config"
                 )
         return self
 
@@ -179,11 +202,11 @@ class Config(Strict):
         }
 
     def stage(self, name: str) -> StageConfig:
-        return getattr(self, name)
-
-
-def _has_credentials(uri: str) -> bool:
-    return bool(re.match(r"^[a-z0-9+]+://[^/@]+:[^/@]*@", uri))
+        if name in STAGES:
+            return getattr(self, name)
+        if name in self.extra_stages:
+            return self.extra_stages[name]
+        raise ConfigError(f"no config section for stage {name!r}; add extra_stages.{name}")
 
 
 def resolve_config_path(path: str | os.PathLike | None) -> Path:
@@ -238,8 +261,10 @@ def _format_error(err: ValidationError, source: str) -> str:
             f"(see configs/tiny.yaml for every key)"
         )
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "value_error" or key == "(top level)":
+    if key == "(top level)":
         return f"config error in {source}: {msg}"
+    if first["type"] == "value_error":  # a section's own check: name the section
+        return f"config error in {source}: {key}: {msg}"
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return (f"config error in {source}: {key}: {msg}{shown}; "
@@ -262,7 +287,7 @@ def _absolutise_sqlite(uri: str) -> str:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                *, absolute_paths: bool = True) -> Config:
+                *, absolute_paths: bool = True, check_models: bool = True) -> Config:
     config_path = resolve_config_path(path)
     try:
         raw = yaml.safe_load(config_path.read_text()) or {}
@@ -277,9 +302,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         config = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err, str(config_path))) from None
+    if check_models:
+        check_model_sections(config, str(config_path))
     if absolute_paths:
         config = absolutised(config)
     return config
+
+
+def check_model_sections(config: Config, source: str) -> None:
+    """Each stage's own check of its section (preset, override keys, limits that depend on
+    the model, e.g. sampling steps <= the model's timesteps). Imports the model code, so it
+    runs after the cheap checks above."""
+    from orchestration.stages import task_class
+
+    for name in STAGES:
+        try:
+            task_class(name).check_config(config)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"config error in {source}: {name}: {exc}") from None
 
 
 def absolutised(config: Config) -> Config:

@@ -20,9 +20,9 @@ from data_pipelines.streaming import bad_record_budget, image_caption_dataset
 from models.clip_model import encode_text_with_tokens
 from orchestration.config import Config
 from orchestration.data_check import ensure_dataset
+from orchestration.layout import DONE_FILE, portable_uri, require_stage
 from orchestration.ray_runtime import connect
-from orchestration.tasks import load_portable
-from orchestration.training_job import DONE_FILE, _require_stage, portable_uri
+from orchestration.tasks.base import load_portable
 
 BATCH_SIZE = 256
 
@@ -52,7 +52,7 @@ class ClipEmbedder:
 def run_embed(config: Config, *, log=print) -> dict:
     connect(config)
     ensure_dataset(config, log=log)
-    clip_uri = _require_stage(config, "clip", "the embedding job")
+    clip_uri = require_stage(config, "clip", "the embedding job")
     out = resolve(config.data.resolved_embeddings_uri)
     manifest = {"clip": clip_uri, "clip_marker": clip_marker(config), "dataset": config.data.uri,
                 "dataset_manifest_hash": manifest_hash(config.data.uri), "splits": {}}

@@ -59,7 +59,8 @@ def build_optimizer(model: nn.Module, stage: StageConfig,
 
 def warmup_cosine(step: int, *, total_steps: int, warmup_fraction: float,
                   min_lr_ratio: float) -> float:
-    """LR multiplier: linear warm-up, then cosine decay to `min_lr_ratio` (seed 000's schedule)."""
+    """LR multiplier: linear warm-up, then cosine decay to `min_lr_ratio` (the schedule of
+    Grazys 2023, sec. 3.4)."""
     warmup = int(total_steps * warmup_fraction)
     if step < warmup:
         return (step + 1) / warmup
@@ -77,8 +78,19 @@ def gathered(module: nn.Module, zero_stage: int):
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
 
+def gathered_for_update(params: list[nn.Parameter], zero_stage: int):
+    """Full `params` inside the block; under ZeRO-3 rank 0's in-place changes are written
+    back to the owning partitions on exit (every rank must enter the block)."""
+    if zero_stage != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 class EMA:
-    """Exponential moving average of the weights (seed 003), kept in fp32 on every rank.
+    """Exponential moving average of the weights (Zbinden 2022, sec. 4.2.3), kept in fp32
+    on every rank.
 
     Under ZeRO-3 the update gathers the partitioned parameters, so `update_every` > 1 is
     worth setting for large models; the average is then over every N-th step.

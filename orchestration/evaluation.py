@@ -11,31 +11,26 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data_pipelines.streaming import image_caption_dataset
 from models.metrics import (
     clip_score,
-    frechet_distance,
-    kernel_inception_distance,
+    image_set_metrics,
     nearest_neighbour_novelty,
-    precision_recall,
     prior_cosines,
 )
 from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
 from orchestration.config import Config
-from orchestration.tasks import load_portable
-from orchestration.training_job import portable_uri
+from orchestration.layout import portable_uri
+from orchestration.stages import STAGES
+from orchestration.tasks.base import load_portable
 
 
 def assemble_pipeline(config: Config) -> UnCLIPPipeline:
     """The three components' portable EMA weights plus the configured sampling defaults."""
-    _, clip = load_portable(portable_uri(config, "clip"))
-    _, prior = load_portable(portable_uri(config, "prior"))
-    _, decoder = load_portable(portable_uri(config, "decoder"))
-    return UnCLIPPipeline(clip=clip, prior=prior, decoder=decoder,
-                          context_length=config.data.preprocess.context_length,
+    components = {stage: load_portable(portable_uri(config, stage))[1] for stage in STAGES}
+    return UnCLIPPipeline(**components, context_length=config.data.preprocess.context_length,
                           sampling=pipeline_sampling(config)).eval()
 
 
@@ -77,14 +72,8 @@ def evaluate_pipeline(config: Config, pipeline: UnCLIPPipeline, out_dir: Path,
                                   seed=config.seed)
     fake = generated.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     fake_emb = clip.encode_image(fake, normalize=True).numpy()
-    texts_rep = np.repeat(text_emb, ev.images_per_caption, axis=0)
-    subset = min(len(real_emb), len(fake_emb))
-    kid_mean, _ = kernel_inception_distance(real_emb, fake_emb, subsets=10, subset_size=subset)
     metrics = {
-        "fd_clip": frechet_distance(real_emb, fake_emb),
-        "kid_clip": kid_mean,
-        **precision_recall(real_emb, fake_emb, k=3),
-        "clip_score": clip_score(fake_emb, texts_rep),
+        **image_set_metrics(real_emb, fake_emb, text_emb),
         "clip_score_real": clip_score(real_emb, text_emb),
     }
     prior_emb = pipeline.prior.sample(text_emb=text_emb_raw, text_tokens=encodings,

@@ -21,7 +21,9 @@ from orchestration.config import Config
 from orchestration.data_check import ensure_dataset
 from orchestration.embed_job import clip_marker, run_embed
 from orchestration.evaluation import assemble_pipeline, evaluate_pipeline
+from orchestration.layout import DONE_FILE, stage_done, stage_uri
 from orchestration.ray_runtime import connect
+from orchestration.stages import STAGES, task_class
 from orchestration.tracking import (
     client_for,
     find_or_create_run,
@@ -30,9 +32,37 @@ from orchestration.tracking import (
     log_png,
     set_tags,
 )
-from orchestration.training_job import DONE_FILE, run_stage, stage_done, stage_uri
+from orchestration.training_job import run_stage
 
-STAGE_ORDER = ("data", "clip", "embed", "prior", "decoder", "eval", "register")
+
+def training_waves(stages: tuple[str, ...] = STAGES) -> list[list[str]]:
+    """The training stages in waves: each wave's `requires` are met by earlier waves, so a
+    wave's stages may run concurrently (the prior and the decoder both need only CLIP)."""
+    waves, placed, remaining = [], set(), list(stages)
+    while remaining:
+        wave = [s for s in remaining if set(task_class(s).requires) <= placed]
+        if not wave:
+            raise ValueError(f"stages {remaining} require each other or an unknown stage")
+        waves.append(wave)
+        placed.update(wave)
+        remaining = [s for s in remaining if s not in wave]
+    return waves
+
+
+def pipeline_plan() -> list[list[str]]:
+    """Groups of steps in order: data, the training waves with `embed` just before the first
+    wave that trains on embeddings, then eval and register."""
+    plan: list[list[str]] = [["data"]]
+    for wave in training_waves():
+        if "embed" not in sum(plan, []) and any(
+                task_class(s).dataset_kind == "embeddings" for s in wave):
+            plan.append(["embed"])
+        plan.append(wave)
+    return plan + [["eval"], ["register"]]
+
+
+def step_order() -> list[str]:
+    return sum(pipeline_plan(), [])
 
 
 def outputs_dir(config: Config) -> Path:
@@ -52,7 +82,7 @@ def _embed_done(config: Config) -> bool:
 def trained_marker(config: Config) -> str:
     """The three stages' completion records: changes whenever any component is retrained."""
     parts = []
-    for stage in ("clip", "prior", "decoder"):
+    for stage in STAGES:
         done = resolve(stage_uri(config, stage)).join("portable", DONE_FILE)
         parts.append(done.read_text() if done.exists() else "")
     return json.dumps(parts)
@@ -63,14 +93,15 @@ def _marker_matches(path: Path, marker: str) -> bool:
 
 
 def selected_stages(only: list[str] | None, from_stage: str | None) -> list[str]:
+    order = step_order()
     for name in (only or []) + ([from_stage] if from_stage else []):
-        if name not in STAGE_ORDER:
-            raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGE_ORDER)}")
+        if name not in order:
+            raise ValueError(f"unknown stage {name!r}; stages are {', '.join(order)}")
     if only:
-        return [s for s in STAGE_ORDER if s in only]
+        return [s for s in order if s in only]
     if from_stage:
-        return list(STAGE_ORDER[STAGE_ORDER.index(from_stage):])
-    return list(STAGE_ORDER)
+        return order[order.index(from_stage):]
+    return order
 
 
 def run_pipeline(config: Config, *, only: list[str] | None = None,
@@ -99,22 +130,22 @@ def run_pipeline(config: Config, *, only: list[str] | None = None,
         set_tags(client, parent, {"dataset.uri": config.data.uri,
                                   "dataset.manifest_hash": manifest_hash(config.data.uri)})
         summary["stages"]["data"] = {k: v.num_samples for k, v in manifest.splits.items()}
-    if "clip" in stages:
-        train("clip")
-    if "embed" in stages:
-        if _embed_done(config) and "embed" not in forced:
-            log("[pipeline] embed: complete, skipping")
+    for group in pipeline_plan()[1:-2]:  # between data and eval
+        if group == ["embed"] and "embed" in stages:
+            if _embed_done(config) and "embed" not in forced:
+                log("[pipeline] embed: complete, skipping")
+            else:
+                run_embed(config, log=log)
+            summary["stages"]["embed"] = config.data.resolved_embeddings_uri
+            continue
+        wave = [s for s in group if s in stages and s != "embed"]
+        if len(wave) > 1 and _room_for(config, len(wave)):
+            log(f"[pipeline] {' and '.join(wave)} run concurrently")
+            with ThreadPoolExecutor(len(wave)) as pool:
+                list(pool.map(train, wave))
         else:
-            run_embed(config, log=log)
-        summary["stages"]["embed"] = config.data.resolved_embeddings_uri
-    both = [s for s in ("prior", "decoder") if s in stages]
-    if len(both) == 2 and _room_for_both(config):
-        log("[pipeline] prior and decoder run concurrently")
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(train, both))
-    else:
-        for stage in both:
-            train(stage)
+            for stage in wave:
+                train(stage)
     out = outputs_dir(config)
     metrics: dict = {}
     marker = trained_marker(config)
@@ -153,8 +184,8 @@ def run_pipeline(config: Config, *, only: list[str] | None = None,
     return summary
 
 
-def _room_for_both(config: Config) -> bool:
-    needed = 2 * config.scaling.num_workers * config.scaling.cpus_per_worker
+def _room_for(config: Config, stages: int) -> bool:
+    needed = stages * config.scaling.num_workers * config.scaling.cpus_per_worker
     return ray.cluster_resources().get("CPU", 0) >= needed + 2  # + room for Ray Data
 
 
@@ -170,7 +201,7 @@ def _register(config: Config, parent: str, out: Path, metrics: dict, log) -> dic
     components = {stage: client.search_runs(
         [client.get_run(parent).info.experiment_id],
         filter_string=f"tags.`unclip.run_key` = '{config.run_name}/{stage}'",
-        max_results=1)[0].info.run_id for stage in ("clip", "prior", "decoder")}
+        max_results=1)[0].info.run_id for stage in STAGES}
     version = register_pipeline(
         str(out / "pipeline"), tracking_uri=config.mlflow.tracking_uri,
         model_name=config.mlflow.registered_model,

@@ -27,6 +27,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from data_pipelines.storage import has_credentials
 from orchestration import pyfunc_model
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -56,10 +57,6 @@ def _connect(tracking_uri: str | None) -> MlflowClient:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
     return MlflowClient()
-
-
-def _has_credentials(uri: str) -> bool:
-    return bool(re.match(r"^[a-z0-9+.-]+://[^/@]+@", uri))
 
 
 def pinned_requirements() -> list[str]:
@@ -127,7 +124,7 @@ def register_pipeline(pipeline_dir: str | Path, *, tracking_uri: str | None, mod
                       experiment: str | None = None, sampling: dict | None = None) -> int:
     """Log the pipeline as a pyfunc, register a new version, tag lineage + metrics, alias it
     `candidate`. Returns the version number."""
-    if _has_credentials(dataset_uri):
+    if has_credentials(dataset_uri):
         raise RegistryError("dataset_uri: credentials in the URI; use the environment instead")
     client = _connect(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="unclip-register-") as tmp:

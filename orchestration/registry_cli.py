@@ -1,6 +1,8 @@
 """CLI pieces for the registry, generation and serving, mounted into `unclip` by cli.py.
 
 Errors a user can fix are raised as `RegistryError` (printed as one line by the CLI).
+MLflow, torch and Ray load inside the commands, after their options and config are checked,
+so importing this module (and `unclip --help`) stays light.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from orchestration.registry import RegistryError
 
 models_app = typer.Typer(no_args_is_help=True,
                          help="Registered models: list versions, promote one to champion.")
@@ -44,10 +44,10 @@ def list_models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """Versions with their aliases and key metrics, oldest first."""
-    from orchestration.registry import list_versions
-
     settings = _mlflow_config(config)
     name = name or settings.registered_model
+    from orchestration.registry import list_versions
+
     rows = list_versions(name, tracking_uri=tracking_uri or settings.tracking_uri)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -73,9 +73,10 @@ def promote_model(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Explicitly move the `champion` alias to VERSION (bypasses the metric gate)."""
+    uri = _tracking_uri(config, tracking_uri)
     from orchestration.registry import promote
 
-    promote(name, version, tracking_uri=_tracking_uri(config, tracking_uri))
+    promote(name, version, tracking_uri=uri)
     typer.echo(f"{name} v{version} is now champion (models:/{name}@champion)")
 
 
@@ -107,14 +108,16 @@ def generate(
                                  "prior_guidance": prior_guidance, "sampler": sampler,
                                  "steps": steps})
     except InvalidRequest as exc:
+        from orchestration.registry import RegistryError
+
         flag = CLI_FLAGS.get(exc.field, f"--{exc.field.replace('_', '-')}")
         raise RegistryError(f"{flag}: {exc.reason}") from None
+    uri = _uri_if_needed(model, config, tracking_uri)
     from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
     from orchestration.registry import resolve_model_uri
 
     with tempfile.TemporaryDirectory(prefix="unclip-generate-") as download:
-        directory = resolve_model_uri(model, dst_dir=download,
-                                      tracking_uri=_uri_if_needed(model, config, tracking_uri))
+        directory = resolve_model_uri(model, dst_dir=download, tracking_uri=uri)
         pipeline = UnCLIPPipeline.load(directory)  # weights are in memory: the copy can go
     images = pipeline.generate(prompts, **to_kwargs(options))
     target = Path(out)
@@ -142,11 +145,13 @@ def serve(
 ) -> None:
     """Serve a model over HTTP with Ray Serve until Ctrl-C."""
     from orchestration.config import load_config
+
+    uri = _uri_if_needed(model, config, tracking_uri)
+    cfg = load_config(config)
     from orchestration.ray_runtime import connect
     from orchestration.serving import run_server
 
-    uri = _uri_if_needed(model, config, tracking_uri)
-    connect(load_config(config))  # the config's Ray address, $RAY_ADDRESS or a local instance
+    connect(cfg)  # the config's Ray address, $RAY_ADDRESS or a local instance
     typer.echo(f"serving {model} at http://{host}:{port}/ (GET /health; POST JSON "
                f"{{\"prompt\": \"a red circle\", \"num_images\": 2}}); Ctrl-C stops", err=True)
     run_server(model, tracking_uri=uri, host=host, port=port, num_replicas=replicas,

@@ -89,3 +89,60 @@ def load_config_path():
     from orchestration.config import resolve_config_path
 
     return resolve_config_path(None)
+
+
+def _fields(model_cls, prefix=""):
+    """(dotted key, field name) of every field of a pydantic config, sections included."""
+    from pydantic import BaseModel
+
+    for name, info in model_cls.model_fields.items():
+        yield f"{prefix}{name}", name
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _fields(annotation, f"{prefix}{name}.")
+
+
+def test_every_config_field_is_read_somewhere():
+    """A key nobody reads is a promise the code does not keep (e.g. an `eval_every` that never
+    decided when to evaluate). Every field must be read as an attribute outside its own
+    definition line."""
+    import re
+    from pathlib import Path
+
+    from orchestration.config import Config
+
+    root = Path(__file__).resolve().parent.parent
+    source = "\n".join(p.read_text() for package in ("orchestration", "tuning", "data_pipelines",
+                                                     "models")
+                       for p in (root / package).rglob("*.py"))
+    unread = [key for key, name in _fields(Config)
+              if not re.search(rf"\.{name}\b(?!\s*\()", source)]
+    assert unread == []
+
+
+def test_stage_sections_are_checked_by_their_tasks():
+    cases = {
+        "clip.preset=nope": "clip: unknown clip preset 'nope'",
+        "prior.preset=nope": "prior: unknown prior preset 'nope'",
+        "decoder.overrides={bogus: 1}": "decoder: unknown decoder override key 'bogus'",
+        "clip.overrides={bogus: 1}": "clip: unknown CLIP override 'bogus'",
+        "sampling.decoder_steps=101": "decoder: sampling.decoder_steps 101 exceeds the "
+                                      "decoder's 100 timesteps; set sampling.decoder_steps <= 100",
+        "sampling.prior_steps=101": "prior: sampling.prior_steps 101 exceeds the prior's 100 "
+                                    "timesteps",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config("tiny", [override])
+        assert message in str(err.value), override
+        assert "\n" not in str(err.value)
+
+
+def test_checkpoints_follow_evaluations():
+    config = load_config("tiny", ["clip.checkpoint_every=40"])
+    assert config.clip.eval_every is None and config.clip.evaluation_interval == 40
+    assert load_config("tiny", ["clip.eval_every=20", "clip.checkpoint_every=40"]
+                       ).clip.evaluation_interval == 20
+    with pytest.raises(ConfigError, match=r"clip: checkpoint_every \(30\) must be a multiple "
+                                          r"of eval_every \(20\)"):
+        load_config("tiny", ["clip.eval_every=20", "clip.checkpoint_every=30"])

@@ -11,8 +11,9 @@ from mlflow.tracking import MlflowClient
 
 from orchestration.config import load_config
 from orchestration.embed_job import run_embed
-from orchestration.tasks import load_portable
-from orchestration.training_job import portable_uri, run_stage, stage_done
+from orchestration.layout import portable_uri, stage_done
+from orchestration.tasks.base import load_portable
+from orchestration.training_job import run_stage
 
 pytestmark = pytest.mark.slow
 

@@ -83,14 +83,15 @@ def guidance(
         help="fd_clip:min, f1:max, precision@recall>=0.5, ...")] = "fd_clip:min",
 ) -> None:
     """Guidance-scale sweep on held-out captions; tags the model version with the best."""
-    from tuning.guidance_sweep import parse_scales, run_guidance_sweep
     from tuning.objective import parse_objective
-    from tuning.report import trial_table_markdown
 
     parse_objective(objective)  # fail before loading anything
     if sampler not in (None, "ddim", "ddpm"):
         raise ConfigError(f"--sampler {sampler!r}: use ddim or ddpm")
     cfg = load_config(config, set_ or [])
+    from tuning.guidance_sweep import parse_scales, run_guidance_sweep
+    from tuning.report import trial_table_markdown
+
     result = run_guidance_sweep(
         model, config=cfg, decoder_scales=parse_scales(decoder_scales, option="--decoder-scales"),
         prior_scales=parse_scales(prior_scales, option="--prior-scales") or None,

@@ -22,7 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from models.metrics import clip_score, frechet_distance, kernel_inception_distance, precision_recall
+from models.metrics import image_set_metrics
 from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
 from orchestration.config import Config, ConfigError
 from orchestration.data_check import ensure_dataset
@@ -85,12 +85,7 @@ def clip_space_metrics(pipeline: UnCLIPPipeline, real_emb: np.ndarray, text_emb:
     """FD, KID, precision/recall/F1 and CLIP score of generated images vs held-out images."""
     fake = torch.tensor(generated).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     fake_emb = pipeline.clip.encode_image(fake, normalize=True).numpy()
-    repeats = len(fake_emb) // len(text_emb)
-    size = min(len(real_emb), len(fake_emb))
-    kid, _ = kernel_inception_distance(real_emb, fake_emb, subsets=10, subset_size=size)
-    return {"fd_clip": frechet_distance(real_emb, fake_emb), "kid_clip": kid,
-            **precision_recall(real_emb, fake_emb, k=3),
-            "clip_score": clip_score(fake_emb, np.repeat(text_emb, repeats, axis=0))}
+    return image_set_metrics(real_emb, fake_emb, text_emb)
 
 
 def _grid(real: np.ndarray, per_scale: list[np.ndarray]) -> bytes:

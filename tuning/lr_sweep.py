@@ -26,7 +26,9 @@ from ray.tune.schedulers import ASHAScheduler
 from data_pipelines.storage import is_s3_uri, resolve
 from orchestration.config import Config, ConfigError, dump_yaml
 from orchestration.data_check import ensure_dataset
+from orchestration.layout import DONE_FILE, portable_uri, stage_done
 from orchestration.ray_runtime import connect
+from orchestration.stages import UnknownStage, task_class
 from orchestration.tracking import (
     client_for,
     find_or_create_run,
@@ -35,7 +37,7 @@ from orchestration.tracking import (
     log_text,
     set_tags,
 )
-from orchestration.training_job import DONE_FILE, STAGES, portable_uri, run_stage, stage_done
+from orchestration.training_job import run_stage
 from tuning.report import log_lr_plot, trial_table_csv, trial_table_markdown
 from tuning.search_space import apply_params, check_space, describe
 
@@ -43,8 +45,8 @@ METRIC = "val_loss"
 DIVERGED = "diverged"
 SWEEP_TAG, TRIAL_TAG, STATUS_TAG = "unclip.sweep_id", "unclip.trial_id", "unclip.trial_status"
 SWEEP_FILE = "unclip_sweep.json"
-LR_RANGE = (1e-5, 3e-3)  # seed 000: 3e-4 best, above 1e-3 diverged
-WARMUP_CHOICES = (0.0, 0.05, 0.1, 0.2)  # seed 000: no warm-up was best
+LR_RANGE = (1e-5, 3e-3)  # Grazys 2023, sec. 4.2, fig. 5: 3e-4 best, above 1e-3 diverged
+WARMUP_CHOICES = (0.0, 0.05, 0.1, 0.2)  # Grazys 2023, sec. 4.2, fig. 6: no warm-up was best
 DATA_CPUS_PER_TRIAL = 1.0  # Ray Data decoding/augmenting beside the Train workers
 DRIVER_MEMORY = 256 * 1024**2  # logical reservation for each trial's driver function
 PORTABLE_FILES = ("config.json", "weights.safetensors", DONE_FILE)
@@ -133,12 +135,15 @@ def trial_config(base: Config, stage: str, params: dict, trial_id: str) -> Confi
 
 
 def share_upstream(base: Config, trial: Config, stage: str) -> None:
-    """Prior/decoder trials read CLIP weights from their own run: copy the base run's."""
-    if stage == "clip" or stage_done(trial, "clip"):
-        return
-    source, target = resolve(portable_uri(base, "clip")), resolve(portable_uri(trial, "clip"))
-    for name in PORTABLE_FILES:  # DONE last: it marks the copy complete
-        target.join(name).write_bytes(source.join(name).read_bytes())
+    """A trial reads its upstream stages' weights (e.g. CLIP for the prior) from its own run:
+    copy the base run's."""
+    for upstream in task_class(stage).requires:
+        if stage_done(trial, upstream):
+            continue
+        source = resolve(portable_uri(base, upstream))
+        target = resolve(portable_uri(trial, upstream))
+        for name in PORTABLE_FILES:  # DONE last: it marks the copy complete
+            target.join(name).write_bytes(source.join(name).read_bytes())
 
 
 def train_trial(params: dict, *, base: dict, stage: str, parent_run_id: str, sweep_id: str,
@@ -172,8 +177,9 @@ def concurrency_bound(config: Config) -> int:
 
 
 def evaluations(config: Config, stage: str) -> int:
+    """Evaluations a full trial reports (ASHA's rungs): every `eval_every` steps and the last."""
     spec = config.stage(stage)
-    return math.ceil(spec.steps / spec.checkpoint_every)
+    return math.ceil(spec.steps / spec.evaluation_interval)
 
 
 def _tune_storage(config: Config) -> dict:
@@ -190,16 +196,19 @@ def _experiment_path(config: Config, stage: str) -> tuple[str, Any]:
 
 
 def _check_inputs(config: Config, stage: str, log) -> None:
-    if stage not in STAGES:
-        raise SweepError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    try:
+        task = task_class(stage)
+    except UnknownStage as exc:
+        raise SweepError(str(exc)) from None
     ensure_dataset(config, log=log)  # built once here, not raced by the trials
-    if stage != "clip" and not stage_done(config, "clip"):
-        raise SweepError(f"a {stage} sweep needs trained CLIP weights at "
-                         f"{portable_uri(config, 'clip')}; run `unclip train clip` with "
-                         f"run_name={config.run_name} first")
-    if stage == "prior" and not resolve(config.data.resolved_embeddings_uri).join(
-            "manifest.json").exists():
-        raise SweepError(f"a prior sweep needs embeddings at "
+    for upstream in task.requires:
+        if not stage_done(config, upstream):
+            raise SweepError(f"a {stage} sweep needs trained {upstream} weights at "
+                             f"{portable_uri(config, upstream)}; run `unclip train {upstream}` "
+                             f"with run_name={config.run_name} first")
+    if task.dataset_kind == "embeddings" and not resolve(
+            config.data.resolved_embeddings_uri).join("manifest.json").exists():
+        raise SweepError(f"a {stage} sweep needs embeddings at "
                          f"{config.data.resolved_embeddings_uri}; run `unclip embed` first")
 
 

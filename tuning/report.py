@@ -97,7 +97,7 @@ def log_lr_plot(client, run_id: str, rows: list[dict], *, metric: str, stage: st
 
 
 def guidance_plot(rows: list[dict], metrics: tuple[str, ...], best_index: int) -> Image.Image:
-    """Each metric vs the decoder guidance scale, one line per prior scale (seed 001 fig 4.3)."""
+    """Each metric vs the decoder guidance scale, one line per prior scale (Luo 2023, fig. 4.3)."""
     plt = _pyplot()
     columns = 3
     count = len(metrics)

@@ -5,6 +5,7 @@ import torch
 from models.metrics import (
     clip_score,
     frechet_distance,
+    image_set_metrics,
     kernel_inception_distance,
     nearest_neighbour_novelty,
     precision_recall,
@@ -59,3 +60,41 @@ def test_embedding_metrics():
     novelty = nearest_neighbour_novelty(text[:5], text, k=3)
     assert novelty["indices"][:, 0].tolist() == [0, 1, 2, 3, 4]
     assert novelty["similarities"].shape == (5, 3) and novelty["mean_nearest"] == pytest.approx(1)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_image_set_metrics_matches_the_individual_metrics():
+    rng = np.random.default_rng(5)
+    captions, per_caption = 12, 3
+    real = _unit(rng.normal(size=(captions, 8))).astype(np.float32)
+    text = _unit(real + 0.3 * rng.normal(size=real.shape)).astype(np.float32)
+    fake = _unit(np.repeat(real, per_caption, axis=0)
+                 + 0.2 * rng.normal(size=(captions * per_caption, 8))).astype(np.float32)
+    metrics = image_set_metrics(real, fake, text)
+    assert list(metrics) == ["fd_clip", "kid_clip", "precision", "recall", "f1", "clip_score"]
+    # the block evaluate_pipeline and the guidance sweep each computed before
+    kid, _ = kernel_inception_distance(real, fake, subsets=10, subset_size=captions)
+    assert metrics == {"fd_clip": frechet_distance(real, fake), "kid_clip": kid,
+                       **precision_recall(real, fake, k=3),
+                       "clip_score": clip_score(fake, np.repeat(text, per_caption, axis=0))}
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert image_set_metrics(torch.from_numpy(real), torch.from_numpy(fake),
+                             torch.from_numpy(text)) == pytest.approx(metrics)
+
+
+def test_image_set_metrics_pairs_each_image_with_its_caption():
+    rng = np.random.default_rng(6)
+    text = _unit(rng.normal(size=(10, 16)))
+    fake = np.repeat(text, 2, axis=0)  # caption 0's two images first, then caption 1's...
+    assert image_set_metrics(text, fake, text)["clip_score"] == pytest.approx(1.0)
+    assert image_set_metrics(text, fake, -text)["clip_score"] == pytest.approx(-1.0)
+
+
+def test_image_set_metrics_rejects_a_partial_set_of_images():
+    rng = np.random.default_rng(7)
+    with pytest.raises(ValueError, match="per caption"):
+        image_set_metrics(rng.normal(size=(6, 4)), rng.normal(size=(7, 4)),
+                          rng.normal(size=(3, 4)))

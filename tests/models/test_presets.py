@@ -6,7 +6,7 @@ from models.presets import (
     list_presets,
 )
 
-# Seed 001 table 4.3
+# Luo 2023, table 4.3 (parameter counts)
 PAPER_PARAMS = {"clip": 4.3e6, "prior": 4.3e6, "decoder": 10e6}
 
 
@@ -18,7 +18,7 @@ def test_list_presets_covers_every_component_with_counts():
     assert all(isinstance(row["params"], int) and row["params"] > 0 for row in rows)
 
 
-def test_shapes_paper_parameter_counts_match_seed_001():
+def test_shapes_paper_parameter_counts_match_luo_2023_table_4_3():
     counts = {row["component"]: row["params"] for row in list_presets()
               if row["name"] == "shapes-paper"}
     for component, expected in PAPER_PARAMS.items():

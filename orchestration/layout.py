@@ -1,0 +1,41 @@
+"""Where a run's outputs live in storage (local folder or S3), so later stages, the pipeline
+and other nodes find them without being told:
+    <storage_root>/<run_name>/<stage>/checkpoint_*/   Ray Train checkpoints (DeepSpeed shards)
+    <storage_root>/<run_name>/<stage>/inputs/         driver-side inputs a task's workers read
+    <storage_root>/<run_name>/<stage>/portable/       EMA fp32 weights + config (the export)
+A stage is complete when `portable/DONE.json` exists: it is written after the weights.
+"""
+
+from __future__ import annotations
+
+from data_pipelines.storage import StorageError, resolve
+
+PORTABLE_DIR = "portable"
+INPUTS_DIR = "inputs"
+DONE_FILE = "DONE.json"
+
+
+def stage_uri(config, stage: str) -> str:
+    return f"{config.storage_root.rstrip('/')}/{config.run_name}/{stage}"
+
+
+def portable_uri(config, stage: str) -> str:
+    return f"{stage_uri(config, stage)}/{PORTABLE_DIR}"
+
+
+def inputs_uri(config, stage: str) -> str:
+    return f"{stage_uri(config, stage)}/{INPUTS_DIR}"
+
+
+def stage_done(config, stage: str) -> bool:
+    return resolve(portable_uri(config, stage)).join(DONE_FILE).exists()
+
+
+def require_stage(config, stage: str, needed_by: str) -> str:
+    """The portable weights of a finished `stage`, or one line saying how to make them."""
+    uri = portable_uri(config, stage)
+    if not stage_done(config, stage):
+        raise StorageError(
+            f"{needed_by} needs trained {stage} weights at {uri}; run `unclip train {stage}` "
+            f"with the same run_name ({config.run_name}) first")
+    return uri

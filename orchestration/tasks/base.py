@@ -1,0 +1,139 @@
+"""The task contract (`Task`), plus what every task shares: portable weights, tensors, data.
+
+Portable weights are `config.json` ({"component": stage, "config": ...}) and
+`weights.safetensors` in a local folder or under an s3:// prefix, so every worker of a
+multi-node job can read them and serving can rebuild the model without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from data_pipelines.storage import resolve
+from orchestration.config import Config, StageConfig
+from orchestration.stages import task_class
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # must hold "val_loss": checkpoints are ranked by it
+    images: dict[str, Image.Image] = field(default_factory=dict)  # logged as PNG
+
+
+class LossModule(nn.Module):
+    """`forward(batch) -> loss terms`, so DeepSpeed sees one forward per step (its ZeRO-3
+    hooks gather parameters around forward calls, so the loss is computed inside one)."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self._loss_fn(self.model, batch)
+
+
+class Task:
+    """One training stage. Subclasses set `name` and implement the methods marked abstract.
+
+    The same class runs on the driver (constructed with the config only) and in every Ray
+    Train worker (then `setup` is called first with the worker's device and rank).
+    """
+
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()  # stages whose portable weights this one reads
+    # "images": image-caption shards (decoded by Ray Data, bad records budgeted);
+    # "embeddings": the CLIP embedding shards written by `unclip embed`
+    dataset_kind: ClassVar[Literal["images", "embeddings"]] = "images"
+    image_columns: ClassVar[tuple[str, ...]] = ("image", "tokens")  # train columns kept
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.stage: StageConfig = config.stage(self.name)
+
+    # --- driver side ------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """Raise ValueError (one line naming the key and the fix) for a section this stage
+        cannot train with: unknown preset or override key, limits that depend on the model.
+        Runs when the config is loaded, before Ray starts."""
+
+    def train_samples(self, manifest) -> int:
+        """Samples in one epoch of the train split (plans epochs and the `epoch` metric)."""
+        return manifest.splits["train"].num_samples
+
+    def datasets(self, train_samples: int, counter) -> dict:
+        """{"train": ..., "test": ...} Ray datasets; "train" is split across workers."""
+        from orchestration.tasks.data import image_datasets
+
+        return image_datasets(self.config, self.name, self.image_columns, train_samples,
+                              counter)
+
+    def prepare(self) -> None:
+        """Write what the workers need beyond the datasets into storage (default: nothing)."""
+
+    # --- worker side ------------------------------------------------------------------------
+    def setup(self, *, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        """Heavy per-worker state (frozen upstream models, a distributed loss)."""
+        self.device = device
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def model_config(self, model: nn.Module) -> dict:
+        """What `model_from_config` needs to rebuild `model` (stored with portable weights)."""
+        return model.config
+
+    @classmethod
+    def model_from_config(cls, config: dict) -> nn.Module:
+        raise NotImplementedError
+
+    def to_batch(self, raw: dict, device: torch.device) -> dict:
+        """A numpy batch from Ray Data -> the tensors `compute_loss` and `evaluate` take."""
+        raise NotImplementedError
+
+    def compute_loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss terms; "loss" is optimised, the rest are logged."""
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module, *, zero_stage: int) -> None:
+        """Called after every optimizer step (e.g. CLIP clamps its logit scale)."""
+
+    def evaluate(self, model: nn.Module, batches: list[dict]) -> EvalResult:
+        """Metrics of the EMA weights on a fixed set of test batches (rank 0 only)."""
+        raise NotImplementedError
+
+
+def to_tensor(array, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+
+
+def read_portable_config(uri: str) -> dict:
+    return json.loads(resolve(uri).join("config.json").read_text())
+
+
+def load_portable(uri: str, map_location="cpu") -> tuple[str, nn.Module]:
+    """(stage name, module) from portable weights at a local folder or s3:// prefix."""
+    from safetensors.torch import load
+
+    meta = read_portable_config(uri)
+    module = task_class(meta["component"]).model_from_config(meta["config"])
+    module.load_state_dict(load(resolve(uri).join("weights.safetensors").read_bytes()))
+    return meta["component"], module.to(map_location)
+
+
+def save_portable(uri: str, component: str, module: nn.Module, config: dict) -> None:
+    from safetensors.torch import save
+
+    root = resolve(str(uri))
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    root.join("weights.safetensors").write_bytes(save(state))
+    root.join("config.json").write_text(
+        json.dumps({"component": component, "config": config}, indent=2))
