@@ -21,7 +21,7 @@ from orchestration.config import Config
 from orchestration.data_check import ensure_dataset
 from orchestration.embed_job import clip_marker, run_embed
 from orchestration.evaluation import assemble_pipeline, evaluate_pipeline
-from orchestration.layout import DONE_FILE, stage_done, stage_uri
+from orchestration.layout import DONE_FILE, portable_uri, stage_done, stage_uri
 from orchestration.ray_runtime import connect
 from orchestration.stages import STAGES, task_class
 from orchestration.tracking import (
@@ -32,7 +32,7 @@ from orchestration.tracking import (
     log_png,
     set_tags,
 )
-from orchestration.training_job import run_stage
+from orchestration.training_job import ended_status, run_stage
 
 
 def training_waves(stages: tuple[str, ...] = STAGES) -> list[list[str]]:
@@ -106,82 +106,145 @@ def selected_stages(only: list[str] | None, from_stage: str | None) -> list[str]
 
 def run_pipeline(config: Config, *, only: list[str] | None = None,
                  from_stage: str | None = None, log=print) -> dict:
-    stages = selected_stages(only, from_stage)
-    forced = set(only or []) | ({from_stage} if from_stage else set())
-    start = time.monotonic()
-    connect(config)
-    parent = find_or_create_run(config, run_key=f"{config.run_name}/pipeline",
-                                run_name=f"{config.run_name}-pipeline",
-                                tags={"unclip.stage": "pipeline"})
-    client = client_for(config.mlflow.tracking_uri)
-    log_config(client, parent, config)
-    summary: dict = {"parent_run_id": parent, "stages": {}}
+    run = PipelineRun(config, selected_stages(only, from_stage),
+                      forced=set(only or []) | ({from_stage} if from_stage else set()), log=log)
+    return run.run()
 
-    def train(stage: str) -> None:
-        if stage_done(config, stage) and stage not in forced:
-            log(f"[pipeline] {stage}: complete, skipping")
-            summary["stages"][stage] = "skipped (complete)"
-            return
-        result = run_stage(config, stage, parent_run_id=parent, log=log)
-        summary["stages"][stage] = result.run_id
 
-    if "data" in stages:
-        manifest = ensure_dataset(config, log=log)
-        set_tags(client, parent, {"dataset.uri": config.data.uri,
-                                  "dataset.manifest_hash": manifest_hash(config.data.uri)})
-        summary["stages"]["data"] = {k: v.num_samples for k, v in manifest.splits.items()}
-    for group in pipeline_plan()[1:-2]:  # between data and eval
-        if group == ["embed"] and "embed" in stages:
-            if _embed_done(config) and "embed" not in forced:
-                log("[pipeline] embed: complete, skipping")
-            else:
-                run_embed(config, log=log)
-            summary["stages"]["embed"] = config.data.resolved_embeddings_uri
-            continue
-        wave = [s for s in group if s in stages and s != "embed"]
-        if len(wave) > 1 and _room_for(config, len(wave)):
-            log(f"[pipeline] {' and '.join(wave)} run concurrently")
-            with ThreadPoolExecutor(len(wave)) as pool:
-                list(pool.map(train, wave))
+class PipelineRun:
+    """One pass over the pipeline plan; each step skips itself when its output is complete
+    (unless named with --only/--from)."""
+
+    def __init__(self, config: Config, stages: list[str], *, forced: set[str], log):
+        self.config, self.stages, self.forced, self.log = config, stages, forced, log
+        self.out = outputs_dir(config)
+        self.summary: dict = {"stages": {}}
+        self.rows: dict[str, dict] = {}
+        self.metrics: dict = {}
+
+    def run(self) -> dict:
+        start = time.monotonic()
+        connect(self.config)
+        self.parent = find_or_create_run(self.config, run_key=f"{self.config.run_name}/pipeline",
+                                         run_name=f"{self.config.run_name}-pipeline",
+                                         tags={"unclip.stage": "pipeline"})
+        self.client = client_for(self.config.mlflow.tracking_uri)
+        log_config(self.client, self.parent, self.config)
+        self.summary["parent_run_id"] = self.parent
+        self.summary["experiment_id"] = self.client.get_run(self.parent).info.experiment_id
+        try:
+            for group in pipeline_plan():
+                self.run_group(group)
+        except BaseException as exc:  # a stopped job ends KILLED, an error FAILED
+            self.client.set_terminated(self.parent, status=ended_status(exc))
+            raise
+        self.client.set_terminated(self.parent, status="FINISHED")
+        self.summary["seconds"] = round(time.monotonic() - start, 1)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "pipeline_summary.json").write_text(json.dumps(self.summary, indent=2))
+        return self.summary
+
+    def run_group(self, group: list[str]) -> None:
+        wanted = [s for s in group if s in self.stages]
+        steps = {"data": self.data, "embed": self.embed, "eval": self.evaluate,
+                 "register": self.register}
+        if group[0] in steps:
+            if wanted:
+                self.timed(group[0], steps[group[0]])
+        elif len(wanted) > 1 and _room_for(self.config, len(wanted)):
+            self.log(f"[pipeline] {' and '.join(wanted)} run concurrently")
+            with ThreadPoolExecutor(len(wanted)) as pool:
+                list(pool.map(lambda stage: self.timed(stage, self.train, stage), wanted))
         else:
-            for stage in wave:
-                train(stage)
-    out = outputs_dir(config)
-    metrics: dict = {}
-    marker = trained_marker(config)
-    if "eval" in stages and _marker_matches(out / "eval_done.json", marker) and (
-            "eval" not in forced):
-        log("[pipeline] eval: complete for these weights, skipping")
-        metrics = json.loads((out / "metrics.json").read_text())
-        summary["grid"] = str(out / "samples.png")
-    elif "eval" in stages:
-        pipeline = assemble_pipeline(config)
-        metrics = evaluate_pipeline(config, pipeline, out, log=log)
-        log_metrics(client, parent, {f"eval/{k}": v for k, v in metrics.items()}, step=0)
+            for stage in wanted:
+                self.timed(stage, self.train, stage)
+
+    def timed(self, step: str, fn, *args) -> None:
+        """Run one step and add its row to the summary table (status, time, results)."""
+        row = {"step": step, "status": "done", "metrics": {}, "output": "", "run_id": ""}
+        self.rows[step] = row
+        start = time.monotonic()
+        fn(*args)
+        row["seconds"] = round(time.monotonic() - start, 1)
+        self.summary["table"] = [self.rows[s] for s in step_order() if s in self.rows]
+
+    def skip(self, step: str, complete: bool, why: str = "complete") -> bool:
+        if complete and step not in self.forced:
+            self.log(f"[pipeline] {step}: {why}, skipping")
+            self.rows[step]["status"] = "skipped: " + why
+            return True
+        return False
+
+    def data(self) -> None:
+        manifest = ensure_dataset(self.config, log=self.log)
+        uri = self.config.data.uri
+        set_tags(self.client, self.parent, {"dataset.uri": uri,
+                                            "dataset.manifest_hash": manifest_hash(uri)})
+        self.summary["stages"]["data"] = {k: v.num_samples for k, v in manifest.splits.items()}
+        self.rows["data"].update(output=uri, metrics=self.summary["stages"]["data"])
+
+    def train(self, stage: str) -> None:
+        self.rows[stage]["output"] = portable_uri(self.config, stage)
+        if self.skip(stage, stage_done(self.config, stage)):
+            self.summary["stages"][stage] = "skipped (complete)"
+            return
+        result = run_stage(self.config, stage, parent_run_id=self.parent, log=self.log)
+        self.summary["stages"][stage] = result.run_id
+        self.rows[stage].update(run_id=result.run_id, metrics={
+            k: v for k, v in result.final_metrics.items() if k in SUMMARY_METRICS})
+
+    def embed(self) -> None:
+        if not self.skip("embed", _embed_done(self.config)):
+            run_embed(self.config, log=self.log)
+        self.summary["stages"]["embed"] = self.config.data.resolved_embeddings_uri
+        self.rows["embed"]["output"] = self.config.data.resolved_embeddings_uri
+
+    def evaluate(self) -> None:
+        out, marker = self.out, trained_marker(self.config)
+        self.summary["grid"] = str(out / "samples.png")
+        self.rows["eval"].update(output=self.summary["grid"], run_id=self.parent)
+        if self.skip("eval", _marker_matches(out / "eval_done.json", marker),
+                     "complete for these weights"):
+            self.metrics = json.loads((out / "metrics.json").read_text())
+            self.rows["eval"]["metrics"] = _key_metrics(self.metrics)
+            return
+        pipeline = assemble_pipeline(self.config)
+        self.metrics = evaluate_pipeline(self.config, pipeline, out, log=self.log)
+        log_metrics(self.client, self.parent,
+                    {f"eval/{k}": v for k, v in self.metrics.items()}, step=0)
         from PIL import Image
 
         for name in ("samples.png", "eval_real_vs_generated.png"):
-            log_png(client, parent, Image.open(out / name), f"eval/{name}")
+            log_png(self.client, self.parent, Image.open(out / name), f"eval/{name}")
         saved = out / "pipeline"
         shutil.rmtree(saved, ignore_errors=True)
         pipeline.save(saved)
-        summary["grid"] = str(out / "samples.png")
         (out / "eval_done.json").write_text(json.dumps({"marker": marker}))
-    if "register" in stages and _marker_matches(out / "registered.json", marker) and (
-            "register" not in forced):
-        registered = json.loads((out / "registered.json").read_text())
-        log(f"[pipeline] register: version {registered['version']} already holds these "
-            "weights, skipping")
-        summary["registry"] = registered
-    elif "register" in stages:
-        summary["registry"] = _register(config, parent, out, metrics, log)
-        (out / "registered.json").write_text(json.dumps({**summary["registry"],
-                                                         "marker": marker}))
-    client.set_terminated(parent, status="FINISHED")
-    summary["seconds"] = round(time.monotonic() - start, 1)
-    (out / "pipeline_summary.json").parent.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        self.rows["eval"]["metrics"] = _key_metrics(self.metrics)
+
+    def register(self) -> None:
+        out, marker = self.out, trained_marker(self.config)
+        record = out / "registered.json"
+        if _marker_matches(record, marker) and "register" not in self.forced:
+            registered = json.loads(record.read_text())
+            self.log(f"[pipeline] register: version {registered['version']} already holds "
+                     "these weights, skipping")
+            self.summary["registry"] = registered
+        else:
+            self.summary["registry"] = _register(self.config, self.parent, out, self.metrics,
+                                                 self.log)
+            record.write_text(json.dumps({**self.summary["registry"], "marker": marker}))
+        registry = self.summary["registry"]
+        self.rows["register"].update(output=f"models:/{registry['model']}/{registry['version']}",
+                                     metrics={"champion": registry["champion"]})
+
+
+SUMMARY_METRICS = ("step", "val_loss", "zero_shot_top1", "generated_vs_image")
+
+
+def _key_metrics(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("fd_clip", "clip_score", "precision", "recall")
+            if k in metrics}
 
 
 def _room_for(config: Config, stages: int) -> bool:
@@ -215,3 +278,23 @@ def _register(config: Config, parent: str, out: Path, metrics: dict, log) -> dic
         f"{'champion' if promoted else 'not promoted'} ({reason})")
     return {"model": config.mlflow.registered_model, "version": version, "champion": promoted,
             "reason": reason}
+
+
+def format_summary(summary: dict, tracking_uri: str) -> str:
+    """The stages as a table: status, time, key results, where the outputs are, MLflow run."""
+    def run_link(run_id: str) -> str:
+        if run_id and tracking_uri.startswith(("http://", "https://")):
+            return (f"{tracking_uri.rstrip('/')}/#/experiments/{summary['experiment_id']}"
+                    f"/runs/{run_id}")
+        return run_id
+
+    def cell(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    header = ("step", "status", "time", "results", "output", "MLflow run")
+    lines = [[row["step"], row["status"], f"{row.get('seconds', 0):.0f}s",
+              " ".join(f"{k}={cell(v)}" for k, v in row["metrics"].items()),
+              row["output"], run_link(row["run_id"])] for row in summary.get("table", [])]
+    widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [header, *lines])

@@ -117,8 +117,8 @@ def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
     start = time.monotonic()
     try:
         result = trainer.fit()
-    except Exception:
-        client.set_terminated(spec.run_id, status="FAILED")
+    except BaseException as exc:
+        client.set_terminated(spec.run_id, status=ended_status(exc))
         raise
     final = dict(result.metrics or {})
     export_final(config, stage, result.checkpoint, final)
@@ -127,6 +127,12 @@ def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
     log(f"[{stage}] done in {time.monotonic() - start:.0f}s; weights at "
         f"{portable_uri(config, stage)}; MLflow run {spec.run_id}")
     return StageResult(stage, spec.run_id, portable_uri(config, stage), final)
+
+
+def ended_status(exc: BaseException) -> str:
+    """MLflow's status for a run ended by `exc`: KILLED when stopped (Ctrl-C, SIGTERM from
+    `unclip jobs stop`), FAILED on an error."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
 
 
 def _storage(config: Config) -> dict:

@@ -268,25 +268,10 @@ def run_lr_sweep(config: Config, *, stage: str, num_samples: int,
         # The trial only drives: its Train workers hold the CPUs, and a CPU fraction here
         # would starve Ray Data's 1-CPU tasks. Tune needs some resource: a little memory.
         {"CPU": 0, "memory": DRIVER_MEMORY})
-    path, filesystem = _experiment_path(config, stage)
     start = time.monotonic()
-    if restore:
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
-                                   storage_filesystem=filesystem)
-    else:
-        # one past the last evaluation: a trial that runs to the end must finish on its own
-        # (export + MLflow close), not be stopped by ASHA on its final report
-        max_t = evaluations(config, stage) + 1
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=METRIC, mode="min", num_samples=num_samples,
-                max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                        grace_period=min(grace_period, max_t - 1),
-                                        reduction_factor=reduction_factor)),
-            run_config=tune.RunConfig(name=sweep_name(config, stage), stop=stop_diverged,
-                                      verbose=1, **_tune_storage(config)))
+    tuner = _tuner(config, stage, trainable, restore=restore, space=space,
+                   num_samples=num_samples, concurrent=concurrent,
+                   asha={"grace_period": grace_period, "reduction_factor": reduction_factor})
     try:
         grid = tuner.fit()
     except Exception:
@@ -297,6 +282,27 @@ def run_lr_sweep(config: Config, *, stage: str, num_samples: int,
     log(f"[tune] {len(rows)} trials in {time.monotonic() - start:.0f}s: "
         f"{json.dumps(result.counts)}")
     return result
+
+
+def _tuner(config: Config, stage: str, trainable, *, restore: bool, space: dict,
+           num_samples: int, concurrent: int, asha: dict) -> tune.Tuner:
+    path, filesystem = _experiment_path(config, stage)
+    if restore:
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
+                                  storage_filesystem=filesystem)
+    # one past the last evaluation: a trial that runs to the end must finish on its own
+    # (export + MLflow close), not be stopped by ASHA on its final report
+    max_t = evaluations(config, stage) + 1
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                              grace_period=min(asha["grace_period"], max_t - 1),
+                              reduction_factor=asha["reduction_factor"])
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=num_samples,
+                                    max_concurrent_trials=concurrent,
+                                    trial_dirname_creator=trial_dirname, scheduler=scheduler),
+        run_config=tune.RunConfig(name=sweep_name(config, stage), stop=stop_diverged,
+                                  verbose=1, **_tune_storage(config)))
 
 
 def _short(key: str, stage: str) -> str:
