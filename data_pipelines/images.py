@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "gif", "tif", "tiff", "bmp"})
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 MAX_IMAGE_PIXELS = 64_000_000
 # Transparent pixels are composited onto mid-grey: neither black nor white biases the colours.
 BACKGROUND_RGB = (128, 128, 128)
@@ -39,6 +40,26 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
     """Decode bytes to an 8-bit RGB image (first frame, EXIF orientation applied)."""
     if not data:
         raise BadImage("empty file")
+    if data[:4] in _TIFF_MAGIC:
+        return _decode_tiff(data, max_pixels)
+    return _decode_with_pillow(data, max_pixels)
+
+
+def _decode_tiff(data: bytes, max_pixels: int) -> Image.Image:
+    """Scientific layouts through tifffile (`data_pipelines.tiff`), the rest through Pillow."""
+    from data_pipelines.tiff import MissingCodec, decode_tiff  # tifffile loads on first TIFF
+
+    try:
+        image = decode_tiff(data, max_pixels)
+    except MissingCodec as missing:
+        try:  # Pillow has its own LZW, deflate and JPEG decoders
+            return _decode_with_pillow(data, max_pixels)
+        except BadImage:
+            raise missing from None
+    return image if image is not None else _decode_with_pillow(data, max_pixels)
+
+
+def _decode_with_pillow(data: bytes, max_pixels: int) -> Image.Image:
     image = _open_checked(data, max_pixels)
     try:
         image.seek(0)  # first frame of an animation / multi-page file

@@ -5,7 +5,9 @@ Three source kinds are detected from the files found under SRC (local folder or 
 - an image folder: `<caption>/<image>` class subfolders, where a non-empty `<stem>.txt` sidecar
   overrides the folder caption (images at the root need a sidecar);
 - WebDataset tar shards (img2dataset / webdataset library layout: `<key>.jpg|png|webp`,
-  `<key>.txt`, optional `<key>.json`);
+  `<key>.txt`, optional `<key>.json`). An img2dataset output folder also holds, per shard,
+  `00000.parquet` (per-sample metadata, no image bytes) and `00000_stats.json`: a Parquet
+  file beside a same-stem tar is that metadata, and is ignored;
 - Parquet files with an image-bytes column and a caption column.
 
 Every image is decoded (`images.decode_image`) and re-encoded, so a broken file is caught here
@@ -146,10 +148,12 @@ def find_source_files(source: Location, exclude: Location | None = None
         raise IngestError(f"source {source.uri} does not exist")
     if exclude is not None and exclude.path.rstrip("/") == source.path.rstrip("/"):
         raise IngestError(f"--out {exclude.uri} is the source itself; choose another folder")
-    entries = [e for e in _list_entries(source) if not _is_hidden(e[1])]
+    entries = [e for e in list_entries(source) if not is_hidden(e[1])]
     if exclude is not None:
         inside_out = exclude.path.rstrip("/") + "/"
         entries = [e for e in entries if not e[0].startswith(inside_out)]
+    metadata = img2dataset_metadata([rel for _, rel in entries])
+    entries = [e for e in entries if e[1] not in metadata]
     kinds = {kind for kind in map(_kind_of, (rel for _, rel in entries)) if kind}
     if not kinds:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
@@ -164,14 +168,30 @@ def find_source_files(source: Location, exclude: Location | None = None
     return kinds.pop(), entries
 
 
-def _list_entries(source: Location) -> list[tuple[str, str]]:
+def img2dataset_metadata(rels: list[str]) -> set[str]:
+    """The per-shard metadata img2dataset writes beside `00000.tar`: `00000.parquet` (key,
+    caption, status, ...; no image bytes) and `00000_stats.json`."""
+    shard_stems = {tar_stem(rel) for rel in rels if rel.lower().endswith(TAR_SUFFIXES)}
+    return {rel for rel in rels
+            if (rel.lower().endswith(".parquet") and rel.rsplit(".", 1)[0] in shard_stems)
+            or (rel.endswith("_stats.json") and rel[: -len("_stats.json")] in shard_stems)}
+
+
+def tar_stem(rel: str) -> str:
+    """`a/00000` for `a/00000.tar` (or .tar.gz, .tgz)."""
+    lower = rel.lower()
+    suffix = next(s for s in TAR_SUFFIXES if lower.endswith(s))
+    return rel[: -len(suffix)]
+
+
+def list_entries(source: Location) -> list[tuple[str, str]]:
     if not source.is_dir():  # a single shard or Parquet file
         return [(source.path, source.path.rsplit("/", 1)[-1])]
     prefix = source.path.rstrip("/") + "/"
     return [(path, path[len(prefix):]) for path in source.list_files(recursive=True)]
 
 
-def _is_hidden(rel: str) -> bool:
+def is_hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
@@ -472,6 +492,8 @@ def _existing_shards(target: Location) -> list[str]:
         old = read_manifest(target.uri)
     except StorageError:
         return []  # unreadable old manifest: nothing we can safely name for deletion
+    if old.layout == "indexed":
+        return []  # an index's shards are the user's own files, never ours to delete
     return [s for info in old.splits.values() for s in info.shards]
 
 

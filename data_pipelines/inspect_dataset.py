@@ -18,7 +18,12 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from data_pipelines.images import BadImage, decode_image
-from data_pipelines.shards import Manifest, iter_webdataset_members, read_manifest
+from data_pipelines.shards import (
+    Manifest,
+    iter_webdataset_members,
+    read_manifest,
+    shard_location,
+)
 from data_pipelines.storage import Location, resolve
 
 THUMB = 128  # contact-sheet cell width and image height, pixels
@@ -40,12 +45,13 @@ def inspect_dataset(uri: str, *, contact_sheet: str | None, num_samples: int = 1
     picker = ReservoirSample(num_samples, seed)
     root = resolve(uri)
     for shard in shards:
-        for row in read_shard(root.join(shard), manifest.format):
+        for row in read_shard(shard_location(root, shard), manifest.format):
             captions.append(row[2])
             picker.offer(row)
     report = {
         "uri": uri,
         "format": manifest.format,
+        "layout": manifest.layout,
         "source": manifest.source,
         "num_samples": manifest.num_samples,
         "splits": {name: {"num_samples": info.num_samples, "num_shards": len(info.shards)}
@@ -207,7 +213,9 @@ def _fit(text: str, font, width: int, keep_tail: str = "") -> str:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"dataset   {report['uri']}  ({report['format']}; source: {report['source'] or '-'})"]
+    layout = "; indexed in place" if report.get("layout") == "indexed" else ""
+    lines = [f"dataset   {report['uri']}  ({report['format']}{layout}; "
+             f"source: {report['source'] or '-'})"]
     splits = ", ".join(f"{name} {info['num_samples']} in {info['num_shards']} shard(s)"
                        for name, info in report["splits"].items())
     lines.append(f"samples   {report['num_samples']}  ({splits})")

@@ -4,6 +4,10 @@ A dataset is a folder (local or S3) holding, per split, WebDataset tar shards
 `<split>/part-00000.tar` (members `<key>.png|jpg`, `<key>.txt`, `<key>.json`) or Parquet shards
 `<split>/part-00000.parquet` (columns key, image, image_ext, caption, meta), and a
 `manifest.json` at the root. The manifest is written last: a dataset without one is incomplete.
+
+An indexed dataset (`unclip data index`, layout "indexed") is only a manifest over WebDataset
+shards that stay where they are: its shard entries are relative to the manifest's folder when
+the shards lie under it, otherwise absolute URIs (`s3://bucket/x/00000.tar`, `/data/00000.tar`).
 """
 
 from __future__ import annotations
@@ -19,11 +23,16 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipelines.storage import Location, StorageError, resolve
+from data_pipelines.storage import Location, StorageError, is_s3_uri, resolve
 
 MANIFEST_NAME = "manifest.json"
 ShardFormat = Literal["webdataset", "parquet"]
+# "written": shards this project wrote under the dataset root; "indexed": shards indexed in place
+ManifestLayout = Literal["written", "indexed"]
+LAYOUTS = ("written", "indexed")
 SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
+# Image members a streamed WebDataset sample can use, in order of preference.
+STREAM_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
 @dataclass
@@ -55,6 +64,7 @@ class Manifest:
     source: str = ""
     extra: dict = field(default_factory=dict)  # builder-specific facts (e.g. held-out pairs)
     created_unix: float = field(default_factory=time.time)
+    layout: ManifestLayout = "written"
 
     @property
     def num_samples(self) -> int:
@@ -67,6 +77,7 @@ class Manifest:
     def to_json(self) -> str:
         body = {
             "format": self.format,
+            "layout": self.layout,
             "num_samples": self.num_samples,
             "num_skipped": self.num_skipped,
             "splits": {name: asdict(info) for name, info in self.splits.items()},
@@ -80,6 +91,9 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         body = json.loads(text)
+        layout = body.get("layout", "written")  # manifests from before indexing had none
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
         return cls(
             format=body["format"],
             splits={k: SplitInfo(**v) for k, v in body["splits"].items()},
@@ -87,6 +101,7 @@ class Manifest:
             source=body.get("source", ""),
             extra=body.get("extra", {}),
             created_unix=body.get("created_unix", 0.0),
+            layout=layout,
         )
 
 
@@ -168,6 +183,13 @@ def read_manifest(uri: str) -> Manifest:
         return Manifest.from_json(location.read_text())
     except (KeyError, ValueError, TypeError) as exc:
         raise StorageError(f"{location.uri} is not a valid manifest: {exc}") from None
+
+
+def shard_location(root: Location, entry: str) -> Location:
+    """Where a split's shard entry points: an absolute URI or path as is, else under `root`."""
+    if is_s3_uri(entry) or entry.startswith("/"):
+        return resolve(entry)
+    return root.join(entry)
 
 
 def manifest_hash(uri: str) -> str:

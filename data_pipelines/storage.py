@@ -110,13 +110,13 @@ class Location:
         try:
             return self.filesystem.get_file_info(self.path).type != _pafs().FileType.NotFound
         except OSError as exc:
-            raise StorageError(_describe(exc, self.uri)) from None
+            raise StorageError(describe_error(exc, self.uri)) from None
 
     def is_dir(self) -> bool:
         try:
             return self.filesystem.get_file_info(self.path).type == _pafs().FileType.Directory
         except OSError as exc:
-            raise StorageError(_describe(exc, self.uri)) from None
+            raise StorageError(describe_error(exc, self.uri)) from None
 
     def read_bytes(self) -> bytes:
         try:
@@ -125,7 +125,7 @@ class Location:
         except FileNotFoundError:
             raise StorageError(f"not found: {self.uri}") from None
         except OSError as exc:
-            raise StorageError(_describe(exc, self.uri)) from None
+            raise StorageError(describe_error(exc, self.uri)) from None
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
@@ -143,7 +143,7 @@ class Location:
             tmp.write_bytes(data)
             os.replace(tmp, target)
         except OSError as exc:
-            raise StorageError(_describe(exc, self.uri)) from None
+            raise StorageError(describe_error(exc, self.uri)) from None
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
@@ -156,7 +156,7 @@ class Location:
                 fs.FileSelector(self.path, recursive=recursive, allow_not_found=True)
             )
         except OSError as exc:
-            raise StorageError(_describe(exc, self.uri)) from None
+            raise StorageError(describe_error(exc, self.uri)) from None
         return sorted(i.path for i in infos if i.type == fs.FileType.File)
 
     def delete(self) -> None:
@@ -169,7 +169,7 @@ class Location:
             elif info.type == file_type.File:
                 self.filesystem.delete_file(self.path)
         except OSError as exc:
-            raise StorageError(_describe(exc, self.uri)) from None
+            raise StorageError(describe_error(exc, self.uri)) from None
 
     def uri_for(self, fs_path: str) -> str:
         """The URI of a filesystem path found under this location."""
@@ -195,7 +195,8 @@ def resolve(uri: str) -> Location:
     return Location(path, _pafs().LocalFileSystem(), path)
 
 
-def _describe(exc: OSError, uri: str) -> str:
+def describe_error(exc: OSError, uri: str) -> str:
+    """One line for the user about a storage failure: secrets redacted, a hint for S3."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     for secret_var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
         secret = os.environ.get(secret_var)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from data_pipelines.images import BadImage, decode_image
 from data_pipelines.settings import PreprocessSettings
-from data_pipelines.shards import read_manifest
+from data_pipelines.shards import STREAM_IMAGE_EXTS, read_manifest, shard_location
 from data_pipelines.storage import StorageError, resolve
 
 MIN_SEEN_FOR_BUDGET = 64  # don't judge the error rate on a handful of samples
@@ -95,25 +95,30 @@ def preprocess_image(image: Image.Image, settings: PreprocessSettings, rng: np.r
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def _image_column(batch: dict) -> tuple[str, list]:
-    for ext in ("png", "jpg", "jpeg", "webp", "image"):
-        if ext in batch:
-            return ext, list(batch[ext])
-    raise KeyError(f"no image column among {sorted(batch)}")
+def _images(batch: dict) -> list:
+    """Each row's image bytes from its first image column that has them: shards may mix jpg
+    and png, and a block then has both columns, empty (None or NaN) where a sample lacks one."""
+    columns = [list(batch[ext]) for ext in (*STREAM_IMAGE_EXTS, "image") if ext in batch]
+    if not columns:
+        raise KeyError(f"no image column among {sorted(batch)}")
+    return [next((c[i] for c in columns if isinstance(c[i], bytes | bytearray)), None)
+            for i in range(len(columns[0]))]
 
 
 def _caption_of(batch: dict, index: int) -> str:
     for column in ("txt", "caption"):
         if column in batch:
             value = batch[column][index]
-            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            if isinstance(value, bytes):
+                return value.decode("utf-8", "replace")
+            return value if isinstance(value, str) else ""  # None / NaN: no caption
     return ""
 
 
 def preprocess_batch(batch: dict, *, settings: PreprocessSettings, train: bool, seed: int,
                      epoch: int, counter=None) -> dict:
     keys = [str(k) for k in batch.get("__key__", batch.get("key"))]
-    _, images = _image_column(batch)
+    images = _images(batch)
     out_keys, captions, arrays, reasons = [], [], [], []
     for index, (key, data) in enumerate(zip(keys, images, strict=True)):
         caption = _caption_of(batch, index).strip()
@@ -146,15 +151,27 @@ def preprocess_batch(batch: dict, *, settings: PreprocessSettings, train: bool, 
 
 
 def shard_uris(uri: str, split: str) -> tuple[object, list[str], str]:
-    """(pyarrow filesystem, shard paths, format) for one split of a dataset."""
+    """(pyarrow filesystem, shard paths, format) for one split of a dataset; an indexed
+    dataset's shards are read where they are."""
     manifest = read_manifest(uri)
     if split not in manifest.splits:
         raise StorageError(
             f"dataset {uri} has no split '{split}' (it has: {', '.join(manifest.splits)})"
         )
+    if not manifest.splits[split].shards:  # Ray's own refusal would not say which split
+        raise StorageError(
+            f"dataset {uri} has no '{split}' shards; rebuild it with a {split} split "
+            "(`unclip data ingest --test-fraction F` or `unclip data index --test-shards N`)"
+        )
     root = resolve(uri)
-    paths = [root.join(name).path for name in manifest.splits[split].shards]
-    return root.filesystem, paths, manifest.format
+    shards = [shard_location(root, name) for name in manifest.splits[split].shards]
+    if len({shard.is_s3 for shard in shards}) > 1:  # one read, one filesystem
+        raise StorageError(
+            f"dataset {uri} lists '{split}' shards both on S3 and on local disk; "
+            "index local and S3 shards into separate datasets"
+        )
+    filesystem = shards[0].filesystem if shards else root.filesystem
+    return filesystem, [shard.path for shard in shards], manifest.format
 
 
 def image_caption_dataset(uri: str, split: str, settings: PreprocessSettings, *,

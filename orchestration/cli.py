@@ -8,7 +8,9 @@ validated, so `--help` and bad input answer at once.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -49,17 +51,6 @@ def echo(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _progress(label: str):
-    start = time.monotonic()
-
-    def report(done: int, total: int) -> None:
-        elapsed = time.monotonic() - start
-        eta = elapsed / done * (total - done) if done else 0.0
-        echo(f"{label}: {done}/{total} ({elapsed:.1f}s elapsed, ETA {eta:.0f}s)")
-
-    return report
-
-
 @data_app.command("shapes")
 def data_shapes(
     out: Annotated[str | None, typer.Option(help="Output URI (default: data.uri)")] = None,
@@ -86,13 +77,19 @@ def data_shapes(
     if out is not None:
         overrides.append(f"data.uri={out}")
     cfg = _config(config, overrides)
+    from data_pipelines.progress import progress_bar
     from data_pipelines.shapes import build_shapes
     from orchestration.ray_runtime import connect
 
     connect(cfg)
     start = time.monotonic()
-    manifest = build_shapes(cfg.data.uri, cfg.data.shapes, fmt=cfg.data.format,
-                            overwrite=overwrite, progress=_progress("shards"))
+    with progress_bar("shapes", unit="shard") as bar:
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        manifest = build_shapes(cfg.data.uri, cfg.data.shapes, fmt=cfg.data.format,
+                                overwrite=overwrite, progress=advance)
     seconds = time.monotonic() - start
     echo(f"wrote {manifest.num_samples} samples "
          f"({', '.join(f'{k}={v.num_samples}' for k, v in manifest.splits.items())}) "
@@ -101,7 +98,8 @@ def data_shapes(
 
 @data_app.command("ingest")
 def data_ingest(
-    src: Annotated[str, typer.Argument(help="Image folder, WebDataset shards or Parquet (local or s3://)")],
+    src: Annotated[str, typer.Argument(
+        help="Image folder, WebDataset shards (img2dataset output too) or Parquet (local or s3://)")],
     out: Annotated[str, typer.Option(help="Output dataset URI (local or s3://)")],
     fmt: Annotated[str, typer.Option("--format", help="webdataset|parquet")] = "webdataset",
     test_fraction: Annotated[float, typer.Option(help="Share of samples put in test")] = 0.1,
@@ -117,11 +115,57 @@ def data_ingest(
     if not 0 <= test_fraction < 1:
         raise UserError(f"--test-fraction {test_fraction}: must be in [0, 1)")
     from data_pipelines.ingest import ingest
+    from data_pipelines.progress import progress_bar
 
-    manifest = ingest(src, out, fmt=fmt, samples_per_shard=samples_per_shard,
-                      test_fraction=test_fraction, max_skip_fraction=max_skip_fraction,
-                      seed=seed, overwrite=overwrite)
+    with progress_bar("ingest") as bar:
+        def advance(kept: int, skipped: int) -> None:
+            bar.update(kept + skipped - bar.n)
+            bar.set_postfix(kept=kept, skipped=skipped, refresh=False)
+
+        manifest = ingest(src, out, fmt=fmt, samples_per_shard=samples_per_shard,
+                          test_fraction=test_fraction, max_skip_fraction=max_skip_fraction,
+                          seed=seed, overwrite=overwrite, progress=advance)
     echo(f"wrote {manifest.num_samples} samples, skipped {manifest.num_skipped}, to {out}")
+    _echo_skipped(manifest)
+
+
+@data_app.command("index")
+def data_index(
+    src: Annotated[str, typer.Argument(
+        help="Folder of WebDataset .tar shards, e.g. img2dataset output (local or s3://)")],
+    out: Annotated[str | None, typer.Option(
+        help="Folder for the manifest (default: data/indexed/<SRC name>); use it as data.uri")
+    ] = None,
+    test_fraction: Annotated[float | None, typer.Option(
+        help="Share of whole shards put in test (default 0.1)")] = None,
+    test_shards: Annotated[int | None, typer.Option(
+        help="Number of whole shards put in test (instead of --test-fraction)")] = None,
+    seed: Annotated[int, typer.Option(help="Split seed")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing manifest at --out")] = False,
+) -> None:
+    """Index existing WebDataset shards in place: writes only a manifest, copies nothing."""
+    if test_fraction is not None and test_shards is not None:
+        raise UserError("--test-fraction and --test-shards: give one of them, not both")
+    from data_pipelines.index import index_shards
+    from data_pipelines.progress import progress_bar
+
+    with progress_bar("index", unit="shard") as bar:
+        def advance(done: int, total: int, samples: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+            bar.set_postfix(samples=samples, refresh=False)
+
+        manifest, uri = index_shards(
+            src, out, test_fraction=0.1 if test_fraction is None else test_fraction,
+            test_shards=test_shards, seed=seed, overwrite=overwrite, progress=advance)
+    splits = ", ".join(f"{name} {info.num_samples} in {len(info.shards)} shard(s)"
+                       for name, info in manifest.splits.items())
+    echo(f"indexed {manifest.num_samples} samples ({splits}) at {uri}/manifest.json; "
+         f"train on them with --set data.uri={uri}")
+    _echo_skipped(manifest)
+
+
+def _echo_skipped(manifest) -> None:
     for item in manifest.skipped[:10]:
         echo(f"  skipped {item.source}: {item.reason}")
 
@@ -213,15 +257,16 @@ def pipeline(
 ) -> None:
     """The whole DAG end to end; reruns skip complete stages and resume the interrupted one."""
     cfg = _config(config, set_)
-    from orchestration.pipeline import run_pipeline
+    from orchestration.pipeline import format_summary, outputs_dir, run_pipeline
 
     try:
         summary = run_pipeline(cfg, only=only, from_stage=from_stage, log=echo)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(format_summary(summary, cfg.mlflow.tracking_uri))
+    echo(f"\nsummary (JSON): {outputs_dir(cfg) / 'pipeline_summary.json'}")
     if "grid" in summary:
-        echo(f"\ngenerated image grid: {summary['grid']}")
+        echo(f"generated image grid: {summary['grid']}")
     echo(f"pipeline took {summary['seconds']:.0f}s. Browse runs and models with:\n"
          f"  mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}   # then open "
          "http://127.0.0.1:5000")
@@ -231,11 +276,38 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
+@app.command("app")
+def web_app(
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", "-m", help="models:/NAME@alias, models:/NAME/VERSION or a dir (repeatable; "
+        "the first two fill the pickers, the first answers the JSON API; default: the "
+        "config's registered model @champion and @candidate)")] = None,
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    gpus: Annotated[float, typer.Option(min=0, help="GPUs for the app's replica")] = 0.0,
+    config: ConfigOpt = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="MLflow tracking URI (overrides the config's)")] = None,
+) -> None:
+    """A web page (Gradio) to try models side by side, beside the JSON API, until Ctrl-C."""
+    cfg = _config(config, None)
+    uri = tracking_uri or cfg.mlflow.tracking_uri
+    from orchestration.ray_runtime import connect
+    from orchestration.web_app import app_models, run_web_app
+
+    models = app_models(model, tracking_uri=uri, registered_model=cfg.mlflow.registered_model)
+    connect(cfg)  # the config's Ray address, $RAY_ADDRESS or a local instance
+    echo(f"page at http://{host}:{port}/ with {', '.join(models)} (JSON API: POST / and "
+         "/generate, GET /health); Ctrl-C stops")
+    run_web_app(models, tracking_uri=uri, host=host, port=port, num_gpus=gpus)
+
+
 # Errors a user can fix, by (module, class). Their modules are heavy (pyarrow, MLflow), so main
 # never imports them: an error of a module that was never imported cannot have been raised.
 USER_ERRORS = (
     ("data_pipelines.storage", "StorageError"),
     ("data_pipelines.ingest", "IngestError"),
+    ("data_pipelines.index", "IndexingError"),
     ("orchestration.registry", "RegistryError"),
     ("orchestration.submission", "SubmissionError"),
 )
@@ -250,7 +322,15 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # `unclip jobs stop` and process managers send SIGTERM: unwind like Ctrl-C, so the
+    # MLflow runs of the interrupted work end KILLED instead of staying RUNNING
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app()
     except Exception as exc:

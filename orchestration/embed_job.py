@@ -12,8 +12,10 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
 import torch
 
+from data_pipelines.progress import polled_progress
 from data_pipelines.shards import manifest_hash
 from data_pipelines.storage import resolve
 from data_pipelines.streaming import bad_record_budget, image_caption_dataset
@@ -51,7 +53,7 @@ class ClipEmbedder:
 
 def run_embed(config: Config, *, log=print) -> dict:
     connect(config)
-    ensure_dataset(config, log=log)
+    dataset_manifest = ensure_dataset(config, log=log)
     clip_uri = require_stage(config, "clip", "the embedding job")
     out = resolve(config.data.resolved_embeddings_uri)
     manifest = {"clip": clip_uri, "clip_marker": clip_marker(config), "dataset": config.data.uri,
@@ -59,7 +61,11 @@ def run_embed(config: Config, *, log=print) -> dict:
     start = time.monotonic()
     with bad_record_budget(config.data.max_skip_fraction) as counter:
         for split in ("train", "test"):
-            manifest["splits"][split] = _embed_split(config, split, out, clip_uri, counter, log)
+            info = dataset_manifest.splits.get(split)
+            expected = info.num_samples if info else None
+            with polled_progress(f"embed {split}", expected, _seen_by(counter)):
+                manifest["splits"][split] = _embed_split(config, split, out, clip_uri, counter,
+                                                         log)
     manifest["seconds"] = round(time.monotonic() - start, 1)
     out.join("manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -83,6 +89,12 @@ def _embed_split(config: Config, split: str, out, clip_uri: str, counter, log) -
                for p in files)
     log(f"[embed] {split}: {rows} rows in {len(files)} shards at {target.uri}")
     return {"num_samples": rows, "shards": [p.rsplit("/", 1)[-1] for p in files]}
+
+
+def _seen_by(counter):
+    """Records preprocessed so far: the embedding actors consume them right behind, and the
+    write reports nothing until it ends."""
+    return lambda: ray.get(counter.summary.remote())["seen"]
 
 
 def clip_marker(config: Config) -> str | None:

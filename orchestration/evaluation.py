@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_pipelines.streaming import image_caption_dataset
@@ -64,7 +65,7 @@ def evaluate_pipeline(config: Config, pipeline: UnCLIPPipeline, out_dir: Path,
     rows = held_out_rows(config, ev.num_captions)
     captions = [str(c) for c in rows["caption"]]
     clip = pipeline.clip
-    real_images = torch.from_numpy(rows["image"])
+    real_images = torch.from_numpy(np.array(rows["image"]))  # Ray blocks are read-only
     real_emb = clip.encode_image(real_images, normalize=True).numpy()
     text_emb_raw, encodings = pipeline.encode_text(captions)
     text_emb = torch.nn.functional.normalize(text_emb_raw, dim=-1).numpy()
@@ -81,7 +82,8 @@ def evaluate_pipeline(config: Config, pipeline: UnCLIPPipeline, out_dir: Path,
     metrics.update({f"prior_{k}": v for k, v in prior_cosines(
         prior_emb.numpy(), text_emb_raw.numpy(), real_emb).items()})
     train = _train_rows(config, 256)
-    train_emb = clip.encode_image(torch.from_numpy(train["image"]), normalize=True).numpy()
+    train_emb = clip.encode_image(torch.from_numpy(np.array(train["image"])),
+                                  normalize=True).numpy()
     novelty = nearest_neighbour_novelty(fake_emb, train_emb, k=3)
     metrics["nn_train_similarity"] = float(novelty["mean_nearest"])
     metrics["eval_seconds"] = round(time.monotonic() - start, 1)

@@ -7,6 +7,7 @@ name). One MLflow parent run per pipeline run name, with a child run per trainin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -253,7 +254,7 @@ def _room_for(config: Config, stages: int) -> bool:
 
 
 def _register(config: Config, parent: str, out: Path, metrics: dict, log) -> dict:
-    from orchestration.registry import maybe_promote, register_pipeline
+    from orchestration.registry import find_version, maybe_promote, register_pipeline
 
     if not metrics:
         metrics_file = out / "metrics.json"
@@ -265,12 +266,17 @@ def _register(config: Config, parent: str, out: Path, metrics: dict, log) -> dic
         [client.get_run(parent).info.experiment_id],
         filter_string=f"tags.`unclip.run_key` = '{config.run_name}/{stage}'",
         max_results=1)[0].info.run_id for stage in STAGES}
-    version = register_pipeline(
-        str(out / "pipeline"), tracking_uri=config.mlflow.tracking_uri,
-        model_name=config.mlflow.registered_model,
-        metrics={f"eval/{k}": v for k, v in metrics.items()}, component_runs=components,
-        dataset_uri=config.data.uri, manifest_hash=manifest_hash(config.data.uri),
-        parent_run_id=parent)
+    marker = hashlib.sha256(trained_marker(config).encode()).hexdigest()[:16]
+    version = find_version(client, config.mlflow.registered_model, marker)
+    if version is not None:  # registered before a crash that lost the local record
+        log(f"[register] version {version} already holds these weights")
+    else:
+        version = register_pipeline(
+            str(out / "pipeline"), tracking_uri=config.mlflow.tracking_uri,
+            model_name=config.mlflow.registered_model,
+            metrics={f"eval/{k}": v for k, v in metrics.items()}, component_runs=components,
+            dataset_uri=config.data.uri, manifest_hash=manifest_hash(config.data.uri),
+            parent_run_id=parent, weights_marker=marker)
     promoted, reason = maybe_promote(client, config.mlflow.registered_model, version,
                                      metric=config.mlflow.promote_metric,
                                      direction=config.mlflow.promote_direction)

@@ -89,6 +89,15 @@ def check_options(options: dict | None) -> dict:
             if value is not None}
 
 
+def check_model_limits(pipeline, options: dict) -> None:
+    """Limits that depend on the loaded model: sampling steps up to its decoder's timesteps."""
+    limit = pipeline.decoder.decoder_config.num_timesteps
+    steps = options.get("steps")
+    if steps is not None and steps > limit:
+        raise InvalidRequest("steps", f"at most {limit} for this model, whose decoder has "
+                                      f"{limit} timesteps (got {steps})")
+
+
 def generate_kwargs(options: dict) -> dict:
     """Checked options -> keyword arguments of `UnCLIPPipeline.generate`."""
     kwargs = {k: v for k, v in options.items() if k != "num_images"}
@@ -171,6 +180,7 @@ class UnCLIPPyfunc(PythonModel):
     def predict(self, context, model_input, params=None):
         prompts = prompts_from_input(model_input)
         options = check_options(params)
+        check_model_limits(self.pipeline, options)
         images = self.pipeline.generate(prompts, **generate_kwargs(options))
         per_prompt = options.get("num_images", 1)
         rows = [(prompts[i // per_prompt], i % per_prompt,

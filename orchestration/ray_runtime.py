@@ -9,6 +9,7 @@ import ray
 import ray.data
 
 from orchestration.config import Config
+from orchestration.quiet_logs import SETUP_HOOK, quiet_library_logs
 
 
 def configure_ray_data() -> None:
@@ -29,7 +30,12 @@ def connect(config: Config | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     num_cpus = config.ray.num_cpus if config else None
+    quiet_library_logs()
+    # one machine is never drained or preempted: no watcher actor (and no error-level line
+    # about its restart arguments); workers of a local instance inherit this environment
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # keep the dashboard: Ray's state API needs it, and Train's placement-group cleaner
     # uses that API to free a stopped run's CPUs (without it a stopped Tune trial's
     # placement group can outlive the trial)
-    ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
+             runtime_env={"worker_process_setup_hook": SETUP_HOOK})

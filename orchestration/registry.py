@@ -37,6 +37,7 @@ COMPONENT_RUN_TAG = "lineage.{}_run_id"  # clip / prior / decoder
 DATASET_URI_TAG = "lineage.dataset_uri"
 MANIFEST_HASH_TAG = "lineage.manifest_hash"
 SOURCE_RUN_TAG = "lineage.source_run_id"
+WEIGHTS_TAG = "lineage.weights_marker"  # which trained weights a version holds
 PROMOTION_TAG = "promotion"
 # Set by `unclip tune guidance`; loaders of that version default to these sampling values.
 TUNED_SAMPLING_TAGS = {"best_decoder_guidance": "decoder_guidance",
@@ -121,9 +122,14 @@ def _run_for_logging(client: MlflowClient, run_id: str | None, experiment: str |
 def register_pipeline(pipeline_dir: str | Path, *, tracking_uri: str | None, model_name: str,
                       metrics: dict[str, float], component_runs: dict[str, str],
                       dataset_uri: str, manifest_hash: str, parent_run_id: str | None = None,
-                      experiment: str | None = None, sampling: dict | None = None) -> int:
+                      experiment: str | None = None, sampling: dict | None = None,
+                      weights_marker: str | None = None) -> int:
     """Log the pipeline as a pyfunc, register a new version, tag lineage + metrics, alias it
-    `candidate`. Returns the version number."""
+    `candidate`. Returns the version number.
+
+    The version is created with its tags in one call, so a version either exists with its
+    `weights_marker` or not at all: a rerun after a crash finds it (`find_version`) instead
+    of registering the same weights twice."""
     if has_credentials(dataset_uri):
         raise RegistryError("dataset_uri: credentials in the URI; use the environment instead")
     client = _connect(tracking_uri)
@@ -141,18 +147,29 @@ def register_pipeline(pipeline_dir: str | Path, *, tracking_uri: str | None, mod
                 code_paths=[models_package_dir()],
                 signature=pyfunc_model.model_signature(sampling_defaults),
                 pip_requirements=pinned_requirements(),
-                registered_model_name=model_name,
             )
-    version = int(info.registered_model_version)
     tags = {COMPONENT_RUN_TAG.format(name): rid for name, rid in component_runs.items()}
     tags |= {DATASET_URI_TAG: dataset_uri, MANIFEST_HASH_TAG: manifest_hash,
              SOURCE_RUN_TAG: run_id}
+    if weights_marker:
+        tags[WEIGHTS_TAG] = weights_marker
     tags |= {METRIC_TAG_PREFIX + name: repr(float(value)) for name, value in metrics.items()
              if isinstance(value, int | float) and not isinstance(value, bool)}  # scalars only
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, str(version), key, value)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(already exists|Registered model)")
+        version = int(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
     client.set_registered_model_alias(model_name, CANDIDATE, str(version))
     return version
+
+
+def find_version(client: MlflowClient, model_name: str, weights_marker: str) -> int | None:
+    """The version registered with these weights, if any."""
+    try:
+        found = client.search_model_versions(
+            f"name = '{model_name}' and tags.`{WEIGHTS_TAG}` = '{weights_marker}'")
+    except MlflowException:
+        return None
+    return min((int(v.version) for v in found), default=None)
 
 
 def version_metrics(model_version) -> dict[str, float]:

@@ -99,7 +99,12 @@ def generate(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Generate images from a registered model, run or local directory into a PNG grid."""
-    from orchestration.pyfunc_model import InvalidRequest, check_options, check_prompt
+    from orchestration.pyfunc_model import (
+        InvalidRequest,
+        check_model_limits,
+        check_options,
+        check_prompt,
+    )
     from orchestration.pyfunc_model import generate_kwargs as to_kwargs
 
     try:
@@ -108,10 +113,7 @@ def generate(
                                  "prior_guidance": prior_guidance, "sampler": sampler,
                                  "steps": steps})
     except InvalidRequest as exc:
-        from orchestration.registry import RegistryError
-
-        flag = CLI_FLAGS.get(exc.field, f"--{exc.field.replace('_', '-')}")
-        raise RegistryError(f"{flag}: {exc.reason}") from None
+        raise _flag_error(exc) from None
     uri = _uri_if_needed(model, config, tracking_uri)
     from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
     from orchestration.registry import resolve_model_uri
@@ -119,12 +121,24 @@ def generate(
     with tempfile.TemporaryDirectory(prefix="unclip-generate-") as download:
         directory = resolve_model_uri(model, dst_dir=download, tracking_uri=uri)
         pipeline = UnCLIPPipeline.load(directory)  # weights are in memory: the copy can go
+    try:
+        check_model_limits(pipeline, options)
+    except InvalidRequest as exc:
+        raise _flag_error(exc) from None
     images = pipeline.generate(prompts, **to_kwargs(options))
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     images_to_grid(images, nrow=options["num_images"]).save(target)
     typer.echo(f"wrote {len(images)} images ({len(prompts)} prompt(s) x {n}) to "
                f"{target.absolute()}")
+
+
+def _flag_error(exc) -> Exception:
+    """An option's InvalidRequest, named by the command-line flag the user typed."""
+    from orchestration.registry import RegistryError
+
+    flag = CLI_FLAGS.get(exc.field, f"--{exc.field.replace('_', '-')}")
+    return RegistryError(f"{flag}: {exc.reason}")
 
 
 def _uri_if_needed(model: str, config: str | None, tracking_uri: str | None) -> str | None:

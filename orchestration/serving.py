@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 
 from orchestration.pyfunc_model import (
     InvalidRequest,
+    check_model_limits,
     check_options,
     check_prompt,
     encode_png,
@@ -100,6 +101,7 @@ class UnCLIPServer:
             return _error(422, f"format: must be json or png (got {response_format!r})")
         try:
             job = parse_job(json.loads(raw or b"null"))
+            check_model_limits(self.pipeline, job.options)
         except ValueError as exc:  # JSONDecodeError and InvalidRequest are both ValueErrors
             status = 422 if isinstance(exc, InvalidRequest) else 400
             return _error(status, str(exc) if status == 422 else "body: not valid JSON")
@@ -168,11 +170,16 @@ def run_server(model_uri: str, *, tracking_uri: str | None = None, host: str = "
                         num_cpus=num_cpus, num_gpus=num_gpus), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     if blocking:
-        try:
-            while True:
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            serve.shutdown()
+        serve_until_stopped()
     return url
+
+
+def serve_until_stopped() -> None:
+    """Block until Ctrl-C or SIGTERM (the CLI turns it into SystemExit), then stop Serve."""
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()

@@ -9,6 +9,7 @@ reads as a chain: `run -> train_step -> end_of_step -> (log_window, evaluate, ch
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
@@ -26,6 +27,7 @@ from orchestration.layout import PORTABLE_DIR
 from orchestration.tasks.base import LossModule, Task, load_portable, save_portable
 from orchestration.tracking import client_for, log_metrics, log_png
 
+logger = logging.getLogger("unclip.train")
 ENGINE_TAG = "engine"
 STATE_FILE = "train_state.json"
 EMA_FILE = "ema.pt"
@@ -70,7 +72,9 @@ def train_worker(spec: WorkerSpec, session=None) -> None:
     """Ray Train's per-worker entry (or, with a `LocalSession`, the single-process loop)."""
     if session is None:
         from orchestration.loop_session import RaySession
+        from orchestration.quiet_logs import quiet_library_logs
 
+        quiet_library_logs()  # again: Ray Train configures its loggers after the setup hook
         session = RaySession()
     TrainLoop(spec, session).run()
 
@@ -170,15 +174,15 @@ class TrainLoop:
         The decisions depend on the step only, so every rank reports at the same steps."""
         step, stage = self.state.step, self.stage
         last = step == stage.steps
-        logging = last or step % stage.log_every == 0
+        logging_step = last or step % stage.log_every == 0
         evaluating = last or step % stage.evaluation_interval == 0
-        metrics = self.log_window() if logging else {}
+        metrics = self.log_window() if logging_step else {}
         if evaluating and self.is_chief:
             metrics.update(self.evaluate())
         metrics["step"] = step
         if last or step % stage.checkpoint_every == 0:
             self.checkpoint(metrics)
-        elif logging or evaluating:
+        elif logging_step or evaluating:
             self.session.report(metrics)
 
     def log_window(self) -> dict:
@@ -197,7 +201,7 @@ class TrainLoop:
         self.window = Window()
         if self.is_chief:
             self._log(metrics)
-            print(self.progress.line(self.state.step, metrics), flush=True)
+            logger.info(self.progress.line(self.state.step, metrics))
         return metrics
 
     def evaluate(self) -> dict:

@@ -143,10 +143,13 @@ def _storage(config: Config) -> dict:
 
 
 def export_final(config: Config, stage: str, checkpoint, metrics: dict) -> None:
-    """Copy the latest checkpoint's portable EMA weights to <stage>/portable, DONE last."""
+    """Copy the latest checkpoint's portable EMA weights to <stage>/portable. The old DONE
+    goes first and the new one is written last, so weights half-way through being replaced
+    are never taken for complete."""
     if checkpoint is None:
         raise RuntimeError(f"{stage}: training finished without a checkpoint")
     target = resolve(portable_uri(config, stage))
+    target.join(DONE_FILE).delete()
     with checkpoint.as_directory() as directory:
         for name in ("config.json", "weights.safetensors"):
             target.join(name).write_bytes((Path(directory) / PORTABLE_DIR / name).read_bytes())

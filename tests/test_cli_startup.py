@@ -73,7 +73,7 @@ def test_every_command_help_imports_nothing_heavy():
     commands = [["data", "--help"], ["data", "shapes", "--help"], ["data", "ingest", "--help"],
                 ["data", "inspect", "--help"], ["presets", "--help"], ["stream", "--help"],
                 ["embed", "--help"], ["pipeline", "--help"], ["generate", "--help"],
-                ["serve", "--help"], ["submit", "--help"], ["jobs", "--help"],
+                ["serve", "--help"], ["app", "--help"], ["submit", "--help"], ["jobs", "--help"],
                 ["jobs", "list", "--help"], ["jobs", "status", "--help"],
                 ["jobs", "logs", "--help"], ["jobs", "stop", "--help"], ["models", "--help"],
                 ["models", "list", "--help"], ["models", "promote", "--help"],

@@ -349,6 +349,28 @@ def test_ingest_webdataset_shards(tmp_path):
     }
 
 
+def test_ingest_img2dataset_output_folder(tmp_path):
+    from webdataset_fixtures import write_img2dataset
+
+    src = tmp_path / "img2dataset out"
+    captions = write_img2dataset(str(src), [4, 3, 5], failed_per_shard=2)
+    assert sorted(p.name for p in src.iterdir()) == [
+        f"0000{i}{suffix}" for i in range(3) for suffix in (".parquet", ".tar", "_stats.json")]
+    manifest = ingest(str(src), str(tmp_path / "out"), test_fraction=0.0)
+    assert (manifest.num_samples, manifest.num_skipped) == (12, 0)
+    assert manifest.extra["kind"] == "webdataset"
+    samples = read_samples(tmp_path / "out")
+    assert {s: v["caption"] for s, v in samples.items()} == {
+        f"{key[:5]}.tar:{key}": caption for key, caption in captions.items()}
+    first = samples["00000.tar:000000000"]
+    assert first["ext"] == "jpg" and first["image"].size == (20, 16)
+    assert first["meta"]["url"] == "http://example.com/000000000.jpg"
+    # a Parquet file that is not a shard's metadata still makes the folder ambiguous
+    (src / "extra.parquet").write_bytes((src / "00000.parquet").read_bytes())
+    with pytest.raises(IngestError, match=r"mixes parquet and webdataset files; point SRC at "):
+        ingest(str(src), str(tmp_path / "out2"))
+
+
 def test_ingest_truncated_webdataset_shard_is_recorded(tmp_path):
     jpg = encoded(noise((8, 8)), "JPEG")
     src = tmp_path / "src"

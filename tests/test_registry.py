@@ -30,6 +30,7 @@ from orchestration.registry import (
     CANDIDATE,
     CHAMPION,
     RegistryError,
+    find_version,
     list_versions,
     maybe_promote,
     promote,
@@ -157,6 +158,19 @@ def test_registered_version_has_candidate_alias_lineage_and_metrics(registry):
     assert config["sampling"]["decoder_guidance"] == 2.5
     params = mlflow.models.get_model_info(f"models:/{MODEL}/1").signature.params
     assert {p.name: p.default for p in params.params}["decoder_guidance"] == 2.5
+
+
+def test_weights_are_found_again_instead_of_registered_twice(registry, pipeline_dir):
+    """The pipeline asks `find_version` before registering, so a crash between registering
+    and recording it locally does not make a second version of the same weights."""
+    name = "unclip-once"
+    assert find_version(registry.client, name, "weights-a") is None  # no such model yet
+    version = register_pipeline(pipeline_dir, tracking_uri=registry.uri, model_name=name,
+                                metrics={FD: 3.0}, weights_marker="weights-a", **LINEAGE)
+    assert registry.client.get_model_version(name, str(version)).tags[
+        "lineage.weights_marker"] == "weights-a"
+    assert find_version(registry.client, name, "weights-a") == version == 1
+    assert find_version(registry.client, name, "weights-b") is None
 
 
 def test_promotion_gate_and_explicit_promote(registry, pipeline_dir):

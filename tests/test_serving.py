@@ -75,6 +75,8 @@ def test_generate_returns_pngs_and_seed_reproduces(server):
     ({"prompt": "a", "num_images": 9}, 422, "num_images: must be between 1 and 8 (got 9)"),
     ({"prompt": "a", "steps": 0}, 422, "steps: must be between 1 and 1000 (got 0)"),
     ({"prompt": "a", "steps": 2.5}, 422, "steps: must be an integer"),
+    ({"prompt": "a", "steps": 21}, 422, "steps: at most 20 for this model, whose decoder has "
+                                         "20 timesteps (got 21)"),
     ({"prompt": "a", "decoder_guidance": 25}, 422, "decoder_guidance: must be between 0.0 and"),
     ({"prompt": "a", "sampler": "euler"}, 422, "sampler: must be one of ddpm, ddim"),
     ({"prompt": "a", "colour": "red"}, 422, "colour: unknown option"),

@@ -200,7 +200,7 @@ def _log_sweep(client, config: Config, sweep_id: str, model_uri: str, results: l
     log_png(client, parent, guidance_plot(results, METRICS, best_index),
             "guidance/metrics_vs_scale.png")
     shown = min(GRID_CAPTIONS, len(real_images))
-    real = ((torch.from_numpy(real_images[:shown]) + 1) * 127.5).round().byte()
+    real = ((torch.from_numpy(np.array(real_images[:shown])) + 1) * 127.5).round().byte()
     per_scale = [images[: shown * per_caption: per_caption] for images in generated]
     log_png(client, parent, Image.open(io.BytesIO(_grid(real.permute(0, 2, 3, 1).numpy(),
                                                         per_scale))),

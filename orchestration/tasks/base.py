@@ -112,7 +112,9 @@ class Task:
 
 
 def to_tensor(array, device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+    # Ray hands out read-only views of its blocks; copy only when torch would need one
+    array = np.require(array, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+    return torch.from_numpy(array).to(device, non_blocking=True)
 
 
 def read_portable_config(uri: str) -> dict:

@@ -49,7 +49,15 @@ def reordered_epochs(base: ray.data.Dataset, num_epochs: int, seed: int) -> ray.
     """A materialized split repeated `num_epochs` times, each in its own seeded block order
     (the worker's local shuffle buffer mixes within blocks)."""
     base = base.repartition(REORDER_BLOCKS).materialize()
-    return concat([base.randomize_block_order(seed=seed + e) for e in range(num_epochs)])
+    # the identity map gives each epoch its own block references: the iterator's prefetcher
+    # waits on a window of references, and one block twice in a window (the end of one
+    # epoch, the start of the next) fails it ("Wait requires a list of unique ray_waitables")
+    return concat([base.randomize_block_order(seed=seed + e).map_batches(
+        _same, batch_format="pyarrow", zero_copy_batch=True) for e in range(num_epochs)])
+
+
+def _same(batch):
+    return batch
 
 
 def concat(parts: list[ray.data.Dataset]) -> ray.data.Dataset:

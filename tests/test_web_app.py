@@ -1,0 +1,209 @@
+"""`unclip app` in a real browser: headless Chromium (Debian's, via Playwright) against the page
+on Ray Serve over loopback, a tiny model registered twice (champion v1, candidate v2) in a real
+MLflow SQLite registry, 3 sampling steps."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from test_registry import IMAGE_SIZE, LINEAGE, free_port, save_tiny_pipeline
+
+from orchestration.registry import promote, register_pipeline
+
+pytestmark = pytest.mark.slow
+
+MODEL = "unclip-web"
+CHAMPION, CANDIDATE = f"models:/{MODEL}@champion", f"models:/{MODEL}@candidate"
+TIMEOUT_MS = 120_000  # sampling shares 2 cores with the rest of the suite
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("no chromium on PATH: apt-get install chromium (.ci/run installs it)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def registry_uri(tmp_path_factory):
+    """v1 (fd 2.0) champion, v2 (fd 1.5) candidate with a tuned decoder guidance of 3.5."""
+    root = tmp_path_factory.mktemp("web-app")
+    uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    experiment_id = mlflow.create_experiment("web-app", artifact_location=str(root / "art"))
+    pipeline = save_tiny_pipeline(root / "pipeline")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        for fd in (2.0, 1.5):
+            register_pipeline(pipeline, tracking_uri=uri, model_name=MODEL,
+                              metrics={"eval/fd_clip": fd}, parent_run_id=run.info.run_id,
+                              **LINEAGE)
+    promote(MODEL, 1, tracking_uri=uri)
+    MlflowClient(uri, registry_uri=uri).set_model_version_tag(MODEL, "2",
+                                                              "best_decoder_guidance", "3.5")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_session, registry_uri):
+    from ray import serve
+
+    from orchestration.web_app import app_models, run_web_app
+
+    models = app_models(None, tracking_uri=registry_uri, registered_model=MODEL)
+    assert models == [CHAMPION, CANDIDATE]
+    url = run_web_app(models, tracking_uri=registry_uri, port=free_port(), blocking=False)
+    assert url.startswith("http://127.0.0.1:")
+    yield url
+    serve.shutdown()  # the next module starts its own Serve on the shared Ray
+
+
+@pytest.fixture(scope="module")
+def page(chromium, app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(app_url)
+        yield page
+        browser.close()
+
+
+def test_page_shows_both_models_with_metrics_lineage_and_tuned_guidance(page):
+    from playwright.sync_api import expect
+
+    card_a, card_b = page.locator("#card-A"), page.locator("#card-B")
+    expect(card_a).to_contain_text("unclip-web v1 · @champion")
+    expect(card_b).to_contain_text("unclip-web v2 · @candidate")
+    expect(card_a).to_contain_text(
+        "Defaults: decoder guidance 2, ddim sampler, 3 steps (at most 20), 16x16 px")
+    expect(card_b).to_contain_text("Defaults: decoder guidance 3.5 (tuned), ddim sampler")
+    expect(card_a.locator("table")).to_contain_text("eval/fd_clip")
+    expect(card_a.locator("td").nth(1)).to_have_text("2")
+    expect(card_b.locator("td").nth(1)).to_have_text("1.5")
+    expect(card_a).to_contain_text("Dataset s3://bucket/shapes (manifest sha256:abc123)")
+    expect(card_a).to_contain_text("Component runs: clip run-clip, prior run-prior, "
+                                   "decoder run-dec")
+
+
+def test_captions_make_one_strip_row_per_model(page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.locator("#captions textarea").fill("a red circle\na blue square")
+    page.locator("#num-images input").fill("2")
+    page.get_by_role("button", name="Generate strip").click()
+    for slot in "AB":
+        images = page.locator(f"#strip-{slot} img")
+        expect(images).to_have_count(4, timeout=TIMEOUT_MS)  # 2 captions x 2 images
+        page.wait_for_function("s => [...document.querySelectorAll(s)].every(i => i.complete"
+                               " && i.naturalWidth > 0)", arg=f"#strip-{slot} img")
+        sizes = images.evaluate_all("els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+        assert sizes == [[IMAGE_SIZE, IMAGE_SIZE]] * 4
+    expect(page.locator("#strip-A")).to_contain_text("a blue square (2/2)")
+    expect(page.locator("#strip-B")).to_contain_text("unclip-web@candidate (v2)")
+    shot = tmp_path / "app.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+    assert Image.open(shot).format == "PNG"
+
+
+@pytest.mark.parametrize(("captions", "num_images", "steps", "message"), [
+    ("  \n", "1", "", "prompt: must be a non-empty string"),
+    ("a red circle", "9", "", "num_images: must be between 1 and 8 (got 9)"),
+    ("a red circle", "1", "21", "steps: at most 20 for unclip-web@champion (v1), whose "
+                                "decoder has 20 timesteps (got 21)"),
+])
+def test_bad_input_is_one_message_naming_the_field(page, captions, num_images, steps, message):
+    from playwright.sync_api import expect
+
+    page.locator("#captions textarea").fill(captions)
+    page.locator("#num-images input").fill(num_images)
+    page.locator("#steps").get_by_role("textbox").fill(steps)
+    page.get_by_role("button", name="Generate strip").click()
+    expect(page.get_by_text(message, exact=True)).to_be_visible()
+    assert "Traceback" not in page.content()
+    page.get_by_test_id("toast-close").click()  # the next case starts without a toast
+    expect(page.get_by_test_id("toast-body")).to_have_count(0)
+
+
+def test_uploaded_image_gets_variations_through_serve(page, tmp_path):
+    from playwright.sync_api import expect
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((24, 32, 3), (200, 40, 40), dtype=np.uint8)).save(photo)
+    page.locator("#num-images input").fill("2")
+    page.locator("#steps").get_by_role("textbox").fill("")
+    page.get_by_role("tab", name="Variations").click()
+    page.locator("#variations-image input[type=file]").set_input_files(str(photo))
+    page.get_by_role("button", name="Make variations").click()
+    for slot in "AB":
+        expect(page.locator(f"#strip-{slot}")).to_contain_text("variation 2")
+        expect(page.locator(f"#strip-{slot} img")).to_have_count(3)  # the input + 2
+
+
+def test_json_api_answers_beside_the_page(app_url):
+    health = requests.get(f"{app_url}/health", timeout=60).json()
+    assert health["status"] == "ok" and health["model"] == CHAMPION
+    body = {"prompt": "a red circle", "num_images": 2, "seed": 5, "steps": 2}
+    response = requests.post(app_url, json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    images = [Image.open(io.BytesIO(base64.b64decode(text)))
+              for text in response.json()["images"]]
+    assert [image.size for image in images] == [(IMAGE_SIZE, IMAGE_SIZE)] * 2
+    again = requests.post(f"{app_url}/generate", json=body, timeout=120)
+    assert again.status_code == 200, (again.status_code, again.text[:300])
+    assert again.json()["images"] == response.json()["images"]
+    bad = requests.post(app_url, json={"prompt": "a", "num_images": 9}, timeout=60)
+    assert bad.status_code == 422
+    assert bad.json()["error"] == "num_images: must be between 1 and 8 (got 9)"
+    wrong_method = requests.get(f"{app_url}/generate", timeout=60)
+    assert (wrong_method.status_code, wrong_method.json()) == (
+        405, {"error": "POST a JSON body with a 'prompt'"})
+    page = requests.get(app_url, timeout=60)  # GET / is the page, POST / the API
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+
+def test_variations_interpolation_and_text_diff(tmp_path):
+    """The other three tabs' actions on a local tiny pipeline (no browser: same handlers)."""
+    import gradio as gr
+
+    from orchestration.web_app import ModelCache, Page, page_errors
+
+    pipeline = str(save_tiny_pipeline(tmp_path / "pipeline"))
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)
+                    ).save(photo)
+    page = Page(ModelCache(f"sqlite:///{tmp_path}/mlflow.db"), [pipeline])
+    sampling = (2, 0, "", "", "")  # num_images, seed, sampler, steps, guidance
+
+    def captions(strip) -> list[str]:
+        return [item["caption"] for item in strip.value]
+
+    varied, empty = page._on_variations(pipeline, "", *sampling, str(photo))
+    assert captions(varied) == ["input", "variation 1", "variation 2"]
+    assert empty.value == [] and empty.label == "B: no model"
+    frames, _ = page._on_interpolation(pipeline, "", *sampling, "red", "blue", 4)
+    assert captions(frames) == ["red", "0.33", "0.67", "blue"]
+    edits, _ = page._on_text_diff(pipeline, "", *sampling, str(photo), "noise", "a circle", 3)
+    assert captions(edits) == ["input", "ratio 0.00", "ratio 0.25", "ratio 0.50"]
+    (tmp_path / "not.png").write_bytes(b"not an image")
+    for handler, args, message in [
+        (page._on_variations, (str(tmp_path / "not.png"),), "image: not an image"),
+        (page._on_variations, (None,), "image: upload an image first"),
+        (page._on_interpolation, ("red", "blue", 9), "frames: must be a whole number between "
+                                                     "2 and 8 (got 9)"),
+        (page._on_text_diff, (str(photo), "", "b", 3), "Its caption: must be a non-empty "
+                                                       "string")]:
+        with pytest.raises(gr.Error) as raised:
+            page_errors(handler)(pipeline, "", *sampling, *args)
+        assert raised.value.message == message
