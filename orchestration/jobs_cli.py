@@ -43,12 +43,16 @@ def submit_command(
         "unless the command names one)")] = None,
     wait: Annotated[bool, typer.Option(
         "--wait/--no-wait", help="Stream the job's logs until it ends")] = False,
+    forward_secrets: Annotated[bool, typer.Option(
+        "--forward-secrets", help="Also pass AWS/MLflow credentials from this environment; "
+        "Ray stores them in its job table (Jobs API, dashboard)")] = False,
 ) -> None:
     """Submit an unclip command to a Ray cluster: unclip submit [--config F] -- pipeline ..."""
     from orchestration.submission import job_status, submit
 
     url = _address(address)
-    job_id = submit(url, list(ctx.args), config_path=config, wait=wait)
+    job_id = submit(url, list(ctx.args), config_path=config, wait=wait,
+                    forward_secrets=forward_secrets)
     typer.echo(job_id)
     if wait:
         info = job_status(url, job_id)

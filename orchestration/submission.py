@@ -21,13 +21,15 @@ from orchestration.config import load_config, resolve_config_path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
-# Storage (S3 or an S3-compatible endpoint) and MLflow settings a job needs on the cluster.
-PASSTHROUGH_ENV = (
-    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
+# Storage and MLflow settings a job needs on the cluster: where things are, always passed.
+SETTINGS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+                "MLFLOW_TRACKING_URI")
+# Credentials: passed only with --forward-secrets. Ray keeps a job's runtime_env in its job
+# table, where the Jobs API and the dashboard show it, so by default a cluster uses its own
+# credentials (instance profiles, the node environment file of cluster.yaml).
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+PASSTHROUGH_ENV = SETTINGS_ENV + SECRET_ENV
 
 # Never uploaded: environments, datasets, outputs and local tracking stores (gitwildmatch
 # patterns; the leading slash anchors to the repo root so data_pipelines/ still ships).
@@ -181,7 +183,7 @@ def entrypoint_for(args: list[str]) -> str:
 
 
 def runtime_env_for(working_dir: Path = REPO_ROOT,
-                    env_passthrough: Iterable[str] = PASSTHROUGH_ENV) -> dict:
+                    env_passthrough: Iterable[str] = SETTINGS_ENV) -> dict:
     env_vars = {name: os.environ[name] for name in env_passthrough if os.environ.get(name)}
     from orchestration.quiet_logs import SETUP_HOOK
 
@@ -190,15 +192,24 @@ def runtime_env_for(working_dir: Path = REPO_ROOT,
 
 
 def submit(address: str, entrypoint_args: list[str], *, config_path: str | None = None,
-           working_dir: str | Path = REPO_ROOT, env_passthrough: Iterable[str] = PASSTHROUGH_ENV,
+           working_dir: str | Path = REPO_ROOT, forward_secrets: bool = False,
            wait: bool = False, echo: Callable[[str], None] | None = None,
            out=None) -> str:
     """Submit `unclip <entrypoint_args>` as a Ray job; returns the submission id.
 
     With `wait`, streams the job's logs to `out` until it ends; `job_status` tells the outcome.
-    `echo` receives progress lines (stderr by default); secrets are only ever named.
+    `echo` receives progress lines (stderr by default); secrets are only ever named, and
+    their values leave this machine only with `forward_secrets`.
     """
     echo = echo or (lambda line: print(line, file=sys.stderr))
+    env_passthrough = SETTINGS_ENV + (SECRET_ENV if forward_secrets else ())
+    held_back = sorted(n for n in SECRET_ENV if os.environ.get(n) and not forward_secrets)
+    if held_back:
+        echo(f"not passing {', '.join(held_back)}: the cluster uses its own credentials "
+             "(--forward-secrets passes them)")
+    if forward_secrets:
+        echo("warning: --forward-secrets stores these values in the Ray cluster's job table, "
+             "where the Jobs API and the dashboard show them to anyone who can reach it")
     working_dir = Path(working_dir)
     args, warnings = prepare_args(entrypoint_args, config_path, working_dir)
     for note in warnings:

@@ -36,9 +36,11 @@ from orchestration.submission import (
     SubmissionError,
     auth_token,
     entrypoint_for,
+    job_status,
     list_jobs,
     prepare_args,
     runtime_env_for,
+    stop_job,
     submit,
     wait_for_job,
 )
@@ -271,9 +273,10 @@ def test_args_entrypoint_and_runtime_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "")  # set but empty: not passed
-    env = runtime_env_for()
-    assert env["env_vars"] == {"AWS_SECRET_ACCESS_KEY": "s3cret",
-                               "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    env = runtime_env_for()  # by default only settings travel, never credentials
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert runtime_env_for(env_passthrough=PASSTHROUGH_ENV)["env_vars"] == {
+        "AWS_SECRET_ACCESS_KEY": "s3cret", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
     assert env["working_dir"] == str(REPO_ROOT)
     assert {".venv", ".git", "/data", "mlruns", "mlflow.db"} <= set(env["excludes"])
 
@@ -329,16 +332,29 @@ def test_submit_follow_and_inspect_a_job_on_a_separate_cluster(ray_head, s3_buck
     cli, runner, address = _cli(), CliRunner(), ray_head.address
     out_uri = f"{s3_bucket}/shapes"
 
+    # By default credentials stay here: the job record on the cluster never holds them.
+    held = runner.invoke(cli, ["submit", "--address", address, "--", "presets"])
+    assert held.exit_code == 0, held.output
+    held_id = held.stdout.strip().splitlines()[-1]
+    assert "not passing AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: the cluster uses its own " \
+           "credentials (--forward-secrets passes them)" in held.output
+    record = job_status(address, held_id)
+    assert sentinel not in repr(record) and sentinel not in str(record.runtime_env)
+    assert sentinel not in str([job.runtime_env for job in list_jobs(address)])
+    stop_job(address, held_id)
+
     start = time.monotonic()
     result = runner.invoke(cli, [
-        "submit", "--address", address, "--config", "configs/tiny.yaml", "--",
-        "data", "shapes", "--out", out_uri, "--set", "data.shapes.train_size=50",
+        "submit", "--address", address, "--config", "configs/tiny.yaml", "--forward-secrets",
+        "--", "data", "shapes", "--out", out_uri, "--set", "data.shapes.train_size=50",
         "--set", "data.shapes.test_size=10", "--set", "data.shapes.samples_per_shard=25"])
     assert result.exit_code == 0, result.output
     job_id = result.stdout.strip().splitlines()[-1]
     assert job_id.startswith("raysubmit_")
     assert "passing AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL_S3, AWS_REGION, " \
            "AWS_SECRET_ACCESS_KEY to the job" in result.output
+    assert "warning: --forward-secrets stores these values in the Ray cluster's job " \
+           "table" in result.output
 
     status = wait_for_job(address, job_id, timeout_s=420)
     follow = runner.invoke(cli, ["jobs", "logs", job_id, "--follow", "--address", address])
