@@ -130,9 +130,10 @@ def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
 
 
 def ended_status(exc: BaseException) -> str:
-    """MLflow's status for a run ended by `exc`: KILLED when stopped (Ctrl-C, SIGTERM from
-    `unclip jobs stop`), FAILED on an error."""
-    return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+    """MLflow's status for a run ended by `exc`: FAILED on an error; KILLED when stopped
+    (Ctrl-C, SIGTERM from `unclip jobs stop`, a Tune scheduler ending the trial), which
+    arrive as BaseExceptions that are not Exceptions."""
+    return "FAILED" if isinstance(exc, Exception) else "KILLED"
 
 
 def _storage(config: Config) -> dict:

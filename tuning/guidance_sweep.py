@@ -90,7 +90,8 @@ def clip_space_metrics(pipeline: UnCLIPPipeline, real_emb: np.ndarray, text_emb:
 
 def _grid(real: np.ndarray, per_scale: list[np.ndarray]) -> bytes:
     """Row 0: held-out images; then one row per scale (same captions, same seed)."""
-    rows = [torch.from_numpy(real)] + [torch.from_numpy(images) for images in per_scale]
+    rows = [torch.from_numpy(np.array(real))] + [torch.from_numpy(np.array(images))
+                                                 for images in per_scale]
     image = images_to_grid(torch.cat(rows), nrow=len(real))
     side = image.size[1] // len(rows)
     scale = max(1, 64 // max(side, 1))
