@@ -45,6 +45,8 @@ METRIC = "val_loss"
 DIVERGED = "diverged"
 SWEEP_TAG, TRIAL_TAG, STATUS_TAG = "unclip.sweep_id", "unclip.trial_id", "unclip.trial_status"
 SWEEP_FILE = "unclip_sweep.json"
+TRIAL_RUN_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "diverged": "KILLED",
+                    "error": "FAILED"}  # a trial's ending -> its MLflow run's status
 LR_RANGE = (1e-5, 3e-3)  # Grazys 2023, sec. 4.2, fig. 5: 3e-4 best, above 1e-3 diverged
 WARMUP_CHOICES = (0.0, 0.05, 0.1, 0.2)  # Grazys 2023, sec. 4.2, fig. 6: no warm-up was best
 DATA_CPUS_PER_TRIAL = 1.0  # Ray Data decoding/augmenting beside the Train workers
@@ -370,9 +372,10 @@ def summarise(config: Config, stage: str, sweep_id: str, parent: str, rows: list
             continue
         set_tags(client, run.info.run_id, {STATUS_TAG: row["status"],
                                            "unclip.trial_reason": row["reason"] or "-"})
-        if run.info.status == "RUNNING":  # stopped by Tune before run_stage could close it
-            client.set_terminated(run.info.run_id,
-                                  status="FAILED" if row["status"] == "error" else "KILLED")
+        # The sweep knows why a trial ended; what the trial's own process managed to record
+        # depends on how fast Tune's stop reached it (still RUNNING, or FAILED when the stop
+        # surfaced as an error in its driver)
+        client.set_terminated(run.info.run_id, status=TRIAL_RUN_STATUS[row["status"]])
     counts = {status: sum(row["status"] == status for row in rows)
               for status in ("completed", "stopped_early", "diverged", "error")}
     best = best_row(rows)
