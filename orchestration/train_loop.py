@@ -98,6 +98,7 @@ class TrainLoop:
             self.is_chief and spec.run_id) else None
         self.eval_model = self.task.build_model().to(self.device) if self.is_chief else None
         self.eval_batches: list[dict] = []
+        self.eval_model_step = -1  # the step whose EMA weights eval_model holds
         self.window = Window()
         self.progress = Progress(self.task.name, self.stage.steps, self.state.step)
         self.per_step = self.stage.batch_size * self.stage.grad_accum * session.world_size
@@ -211,7 +212,7 @@ class TrainLoop:
                 self.eval_batches.append(self.task.to_batch(raw, self.device))
                 if len(self.eval_batches) >= EVAL_BATCHES:
                     break
-        self.ema.copy_to(self.eval_model, self.engine.module.model)
+        self._load_ema_into_eval_model()
         result = self.task.evaluate(self.eval_model.eval(), self.eval_batches)
         self._log({f"val/{k}": v for k, v in result.metrics.items()}
                   | {"val_loss": result.metrics["val_loss"]})
@@ -220,6 +221,11 @@ class TrainLoop:
                 log_png(self.tracker, self.spec.run_id, image,
                         f"samples/{name}_step{self.state.step:06d}.png")
         return dict(result.metrics)
+
+    def _load_ema_into_eval_model(self) -> None:
+        if self.eval_model_step != self.state.step:
+            self.ema.copy_to(self.eval_model, self.engine.module.model)
+            self.eval_model_step = self.state.step
 
     def _log(self, metrics: dict) -> None:
         if self.tracker:
@@ -235,7 +241,7 @@ class TrainLoop:
                 path = Path(directory)
                 torch.save(self.ema.state_dict(), path / EMA_FILE)
                 (path / STATE_FILE).write_text(json.dumps(asdict(self.state)))
-                self.ema.copy_to(self.eval_model, self.engine.module.model)
+                self._load_ema_into_eval_model()  # no-op when evaluate() just did
                 save_portable(str(path / PORTABLE_DIR), self.task.name, self.eval_model,
                               self.task.model_config(self.eval_model))
             self.session.report(metrics, directory)
