@@ -116,10 +116,12 @@ def _caption_of(batch: dict, index: int) -> str:
 
 
 def preprocess_batch(batch: dict, *, settings: PreprocessSettings, train: bool, seed: int,
-                     epoch: int, counter=None) -> dict:
+                     epoch: int, counter=None, count_seen: bool = True) -> dict:
+    """Decode and augment a batch of raw samples, dropping (and budgeting) unreadable ones;
+    `count_seen=False` when the reader has counted the batch's records already."""
     keys = [str(k) for k in batch.get("__key__", batch.get("key"))]
     images = _images(batch)
-    out_keys, captions, arrays, reasons = [], [], [], []
+    out_keys, captions, arrays, reasons, kept = [], [], [], [], []
     for index, (key, data) in enumerate(zip(keys, images, strict=True)):
         caption = _caption_of(batch, index).strip()
         try:
@@ -132,21 +134,25 @@ def preprocess_batch(batch: dict, *, settings: PreprocessSettings, train: bool, 
         arrays.append(preprocess_image(image, settings, _sample_rng(key, seed, epoch), train))
         out_keys.append(key)
         captions.append(caption)
+        kept.append(index)
+    seen_here = len(keys) if count_seen else 0
     if counter is not None and reasons:
-        seen, bad, over = ray.get(counter.record.remote(len(keys), len(reasons), reasons))
+        seen, bad, over = ray.get(counter.record.remote(seen_here, len(reasons), reasons))
         if over:
             raise BadRecordBudgetExceeded(
                 f"{bad} of {seen} records unreadable so far (first: {reasons[0]}); "
                 "raise data.max_skip_fraction or fix the shards"
             )
-    elif counter is not None:
-        counter.record.remote(len(keys), 0, [])
+    elif counter is not None and seen_here:
+        counter.record.remote(seen_here, 0, [])
     size, length = settings.image_size, settings.context_length
     return {
         "key": np.array(out_keys, dtype=object),
         "caption": np.array(captions, dtype=object),
         "image": np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.float32),
         "tokens": tokenize(captions, length) if captions else np.zeros((0, length), np.int64),
+        # bookkeeping columns (e.g. a sample's place in a resumable stream) follow their rows
+        **{name: np.asarray(batch[name])[kept] for name in batch if name.startswith("_")},
     }
 
 

@@ -310,6 +310,7 @@ USER_ERRORS = (
     ("data_pipelines.index", "IndexingError"),
     ("orchestration.registry", "RegistryError"),
     ("orchestration.submission", "SubmissionError"),
+    ("orchestration.training_job", "StageError"),
 )
 
 

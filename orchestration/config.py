@@ -45,10 +45,10 @@ class DataConfig(Strict):
     max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0)
     embeddings_uri: str | None = None  # default: <uri>/embeddings
     embed_token_encodings: bool = True  # per-token CLIP text encodings for the prior
-    # Preprocess the train split once and keep it in the object store; later epochs reuse it
-    # in a new block order (augmentations then repeat). For datasets that fit in memory when
-    # decoding would compete with training for CPU.
-    materialize_train: bool = False
+    # Each worker reads its shards this many at a time and shuffles their samples together:
+    # more mixes a class-sorted dataset better, at the cost of memory and of what a resume
+    # re-reads (at most one window)
+    shuffle_window_shards: int = Field(8, ge=1)
 
     @property
     def resolved_embeddings_uri(self) -> str:
@@ -172,6 +172,12 @@ class Config(Strict):
         if ds.offload_optimizer and ds.zero_stage == 0:
             raise ValueError(
                 "deepspeed.offload_optimizer: optimizer offload needs zero_stage >= 1"
+            )
+        if self.clip.batch_size * self.scaling.num_workers < 2:
+            raise ValueError(
+                "clip.batch_size: CLIP's contrastive loss needs at least 2 image-text pairs per "
+                "step over all workers (clip.batch_size x scaling.num_workers is 1); "
+                "set clip.batch_size >= 2"
             )
         if self.data.shapes.include_position and self.data.preprocess.hflip:
             raise ValueError(

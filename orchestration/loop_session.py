@@ -1,9 +1,10 @@
 """Where the training loop gets its data and puts its reports: a Ray Train worker, or (for
 fast tests and debugging) the current process.
 
-`RaySession` reads the worker's dataset shards and reports through `ray.train`;
-`LocalSession` feeds in-memory numpy columns and keeps checkpoints in a local folder, so the
-same loop runs in one process (world size 1) in seconds.
+`RaySession` opens the worker's own resumable stream (`data_pipelines.resumable`) and reports
+through `ray.train`; `LocalSession` feeds in-memory numpy columns and keeps checkpoints in a
+local folder, so the same loop runs in one process (world size 1) in seconds. Both open an
+epoch at a `Position`; `RankStream` walks the epochs and keeps the position.
 """
 
 from __future__ import annotations
@@ -12,34 +13,32 @@ import contextlib
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from data_pipelines.resumable import ROW_COLUMN, WINDOW_COLUMN, Position
+
 
 class RaySession:
-    def __init__(self):
+    """A Ray Train worker: its own resumable train stream, the shared test dataset."""
+
+    def __init__(self, stream):
         import ray.train
 
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.stream = stream
 
-    def train_batches(self, batch_size: int, *, skip: int, seed: int) -> Iterator[dict]:
-        """The worker's stream of numpy batches, past the `skip` consumed before a resume.
+    def layout(self) -> dict:
+        return self.stream.plan.layout()
 
-        The seeded local shuffle buffer mixes samples across blocks and keeps the stream
-        reproducible, which is what makes skipping consumed batches an exact resume."""
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("train")
-        iterator = iter(shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                           drop_last=True, prefetch_batches=2,
-                                           local_shuffle_buffer_size=4 * batch_size,
-                                           local_shuffle_seed=seed))
-        for _ in range(skip):
-            next(iterator, None)
-        return iterator
+    def open_epoch(self, start: Position, batch_size: int) -> Iterator[dict]:
+        """The rank's numpy batches of `start.epoch`, from `start` on (full batches only)."""
+        dataset = self.stream.dataset(self.rank, start)
+        return iter(dataset.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                         drop_last=True, prefetch_batches=2))
 
     def test_batches(self, batch_size: int) -> Iterator[dict]:
         import ray.train
@@ -68,12 +67,14 @@ class RaySession:
 
 
 class LocalSession:
-    """One process, world size 1: `data` maps "train"/"test" to numpy columns."""
+    """One process, world size 1: `data` maps "train"/"test" to numpy columns. An epoch is
+    one window: the train rows in a permutation seeded by (seed, epoch)."""
 
     rank, world_size = 0, 1
 
-    def __init__(self, data: dict[str, dict[str, np.ndarray]], checkpoint_root: Path):
-        self.data, self.checkpoint_root = data, Path(checkpoint_root)
+    def __init__(self, data: dict[str, dict[str, np.ndarray]], checkpoint_root: Path,
+                 seed: int = 0):
+        self.data, self.checkpoint_root, self.seed = data, Path(checkpoint_root), seed
         self.reports: list[dict] = []  # every report, in order
         self.checkpoints: list[Path] = []
 
@@ -83,15 +84,18 @@ class LocalSession:
     def _batch(self, split: str, index: np.ndarray) -> dict:
         return {k: np.asarray(v)[index] for k, v in self.data[split].items()}
 
-    def train_batches(self, batch_size: int, *, skip: int, seed: int) -> Iterator[dict]:
-        rows, epoch, produced = self._rows("train"), 0, 0
-        while True:  # seeded permutation per epoch, drop_last; the loop stops by steps
-            order = np.random.default_rng([seed, epoch]).permutation(rows)
-            for start in range(0, rows - batch_size + 1, batch_size):
-                if produced >= skip:
-                    yield self._batch("train", order[start:start + batch_size])
-                produced += 1
-            epoch += 1
+    def layout(self) -> dict:
+        return {"rows": self._rows("train"), "seed": self.seed}
+
+    def open_epoch(self, start: Position, batch_size: int) -> Iterator[dict]:
+        order = np.random.default_rng([self.seed, start.epoch]).permutation(self._rows("train"))
+        if start.window > 0:
+            return
+        for first in range(start.row, len(order) - batch_size + 1, batch_size):
+            batch = self._batch("train", order[first:first + batch_size])
+            batch[WINDOW_COLUMN] = np.zeros(batch_size, np.int64)
+            batch[ROW_COLUMN] = np.arange(first, first + batch_size)
+            yield batch
 
     def test_batches(self, batch_size: int) -> Iterator[dict]:
         rows = self._rows("test")
@@ -109,6 +113,42 @@ class LocalSession:
             target = self.checkpoint_root / f"checkpoint_{metrics['step']:06d}"
             shutil.copytree(checkpoint_dir, target)
             self.checkpoints.append(target)
+
+
+class DataExhausted(RuntimeError):
+    pass
+
+
+class RankStream:
+    """A rank's batches, epoch after epoch, and the position just past the last one taken.
+
+    An epoch ends for every rank together when any rank has run out (`all_ranks_have` is a
+    collective), so ranks stay in step; the longer ranks' leftovers are skipped that epoch.
+    """
+
+    def __init__(self, open_epoch: Callable[[Position, int], Iterator[dict]], batch_size: int,
+                 position: Position, all_ranks_have: Callable[[bool], bool]):
+        self.open_epoch, self.batch_size, self.all_ranks_have = (open_epoch, batch_size,
+                                                                 all_ranks_have)
+        self.position = position
+        self._batches = open_epoch(position, batch_size)
+
+    def next_batch(self) -> dict:
+        fresh_epoch = False
+        while True:
+            batch = next(self._batches, None)
+            if self.all_ranks_have(batch is not None):
+                self.position = Position(self.position.epoch, int(batch[WINDOW_COLUMN][-1]),
+                                         int(batch[ROW_COLUMN][-1]) + 1)
+                return batch
+            if fresh_epoch:
+                raise DataExhausted(
+                    f"epoch {self.position.epoch} gave a worker no full batch of "
+                    f"{self.batch_size}: the train split is smaller than one batch per worker, "
+                    "or nearly all of it is unreadable")
+            self.position = Position(self.position.epoch + 1)
+            self._batches = self.open_epoch(self.position, self.batch_size)
+            fresh_epoch = True
 
 
 def init_single_process_group() -> None:

@@ -11,19 +11,24 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipelines.resumable import DataLayoutChanged, Position, layout_difference
 from orchestration.config import Config
 from orchestration.engine_setup import EMA, build_optimizer, deepspeed_config, warmup_cosine
 from orchestration.layout import PORTABLE_DIR
+from orchestration.loop_session import RankStream
 from orchestration.tasks.base import LossModule, Task, load_portable, save_portable
 from orchestration.tracking import client_for, log_metrics, log_png
 
@@ -31,11 +36,8 @@ logger = logging.getLogger("unclip.train")
 ENGINE_TAG = "engine"
 STATE_FILE = "train_state.json"
 EMA_FILE = "ema.pt"
+POSITION_FILE = "data_position_rank{rank}.json"  # each rank's place in its stream
 EVAL_BATCHES = 4  # test batches per evaluation: enough for stable tiny-model metrics
-
-
-class DataExhausted(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,18 @@ class WorkerSpec:
     task: type[Task]
     run_id: str | None  # MLflow run that rank 0 logs to; None: no tracking
     train_samples: int  # one epoch of the train split, for the `epoch` metric
+    train_stream: object | None = None  # `TrainStream` (Ray workers open their own stream)
     init_from: str | None = None  # portable weights to start from (fine-tuning)
-    fail_at_step: int | None = None  # fault injection for tests: raise once at this step
+    # fault injection for tests, once, before any restart: every rank raises at this step,
+    # or the last rank's process is SIGKILLed there
+    fail_at_step: int | None = None
+    fail_with: Literal["exception", "sigkill"] = "exception"
+    sample_log: str | None = None  # local folder: each rank appends the keys of every step
 
 
 @dataclass
 class TrainState:
     step: int = 0
-    batches_consumed: int = 0  # micro-batches drawn from the stream (skipped on resume)
     samples_seen: int = 0
 
 
@@ -75,13 +81,19 @@ def train_worker(spec: WorkerSpec, session=None) -> None:
         from orchestration.quiet_logs import quiet_library_logs
 
         quiet_library_logs()  # again: Ray Train configures its loggers after the setup hook
-        session = RaySession()
+        session = RaySession(spec.train_stream)
     TrainLoop(spec, session).run()
 
 
 def _seed(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one rank's step (timesteps, noise, dropout): a function of where the run
+    is, so a resumed run draws exactly what an uninterrupted one would."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 class TrainLoop:
@@ -93,9 +105,12 @@ class TrainLoop:
         self.zero_stage = self.config.deepspeed.zero_stage
         self.device = _device(self.config.scaling.use_gpu)
         self.engine, self.ema = self._set_up_engine()
-        self.state, self.fail_at_step = self._restore()
+        self.state, self.position, self.fail_at_step = self._restore()
         self.tracker = client_for(self.config.mlflow.tracking_uri) if (
             self.is_chief and spec.run_id) else None
+        # steps up to here are in MLflow already (an attempt that died after its checkpoint)
+        self.logged_through = _last_logged_step(self.tracker, spec.run_id) if (
+            self.tracker and self.state.step) else 0
         self.eval_model = self.task.build_model().to(self.device) if self.is_chief else None
         self.eval_batches: list[dict] = []
         self.eval_model_step = -1  # the step whose EMA weights eval_model holds
@@ -122,24 +137,42 @@ class TrainLoop:
             model=module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(stage, config.deepspeed, use_gpu=config.scaling.use_gpu))
         ema = EMA(engine.module.model, decay=stage.optim.ema_decay, zero_stage=self.zero_stage)
-        _seed(config.seed + 1000 * rank + 1)  # timesteps, noise, dropout: per rank
         return engine, ema
 
-    def _restore(self) -> tuple[TrainState, int | None]:
-        """(state, fault-injection step): the latest checkpoint's, or a fresh start's."""
+    def _restore(self) -> tuple[TrainState, Position, int | None]:
+        """(state, this rank's data position, fault-injection step): the latest checkpoint's,
+        or a fresh start's."""
         with self.session.restored() as directory:
             if directory is None:
-                return TrainState(), self.spec.fail_at_step
+                return TrainState(), Position(), self.spec.fail_at_step
+            position = self._saved_position(Path(directory))
             self.engine.load_checkpoint(directory, tag=ENGINE_TAG)
             state = TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
             self.ema.load_state_dict(torch.load(Path(directory) / EMA_FILE, weights_only=True))
-        _seed(self.config.seed + 1000 * self.session.rank + state.step)
-        return state, None  # the injected fault fires only before the first restart
+        return state, position, None  # the injected fault fires only before the first restart
+
+    def _saved_position(self, directory: Path) -> Position:
+        """This rank's position, if the data layout still gives it a meaning; a changed
+        batch size carries over exactly (positions count samples, not batches)."""
+        rank, layout = self.session.rank, self.session.layout()
+        path = directory / POSITION_FILE.format(rank=rank)
+        saved = json.loads(path.read_text()) if path.exists() else {"layout": {}}
+        changed = layout_difference(saved["layout"], layout)
+        if changed:
+            raise DataLayoutChanged(
+                f"cannot resume {self.task.name} of run '{self.config.run_name}': the data "
+                f"layout changed since its last checkpoint ({changed}), so the saved stream "
+                "positions mean nothing now; restore the old layout, or set a new run_name "
+                "to train from scratch")
+        if saved["batch_size"] != self.stage.batch_size and self.is_chief:
+            logger.info("[%s] batch size %s -> %s: stream positions count samples, so the run "
+                        "resumes exactly where it stopped", self.task.name, saved["batch_size"],
+                        self.stage.batch_size)
+        return Position(**saved["position"])
 
     def run(self) -> None:
-        batches = self.session.train_batches(self.stage.batch_size,
-                                             skip=self.state.batches_consumed,
-                                             seed=self.config.seed + self.session.rank)
+        batches = RankStream(self.session.open_epoch, self.stage.batch_size, self.position,
+                             self._all_ranks_have)
         while self.state.step < self.stage.steps:
             started = time.perf_counter()
             self.train_step(batches)
@@ -147,28 +180,51 @@ class TrainLoop:
             self.window.steps += 1
             self.end_of_step()
 
-    def train_step(self, batches) -> None:
+    def train_step(self, batches: RankStream) -> None:
         """One optimizer step over `grad_accum` micro-batches, then EMA and the task's hook."""
+        torch.manual_seed(_step_seed(self.config.seed, self.session.rank, self.state.step))
+        keys = []
         for _ in range(self.stage.grad_accum):
             wait_start = time.perf_counter()
-            raw = next(batches, None)
+            raw = batches.next_batch()
             self.window.wait += time.perf_counter() - wait_start
-            if raw is None:
-                raise DataExhausted(
-                    f"{self.task.name}: the data ran out at step {self.state.step}; the driver "
-                    "plans epochs from the manifest, so a shard must have lost samples")
+            keys.extend(str(k) for k in raw.get("key", ()))
             terms = self.engine(self.task.to_batch(raw, self.device))
             self.engine.backward(terms["loss"])
             self.engine.step()
-            self.state.batches_consumed += 1
             for key, value in terms.items():
                 self.window.terms[key] = self.window.terms.get(key, 0.0) + float(value.detach())
+        self.position = batches.position
         self.state.step += 1
         self.state.samples_seen += self.per_step
+        self._record_keys(keys)
         if self.state.step == self.fail_at_step:
-            raise RuntimeError(f"injected failure at step {self.fail_at_step} (fault injection)")
+            self._inject_fault()
         self.ema.update(self.engine.module.model, self.state.step)
         self.task.after_step(self.engine.module.model, zero_stage=self.zero_stage)
+
+    def _all_ranks_have(self, has_batch: bool) -> bool:
+        if self.session.world_size == 1:
+            return has_batch
+        flag = torch.tensor([int(has_batch)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _record_keys(self, keys: list[str]) -> None:
+        """The sample log (an audit of exactly-once reading): one JSON line per step."""
+        if self.spec.sample_log:
+            path = Path(self.spec.sample_log) / f"rank{self.session.rank}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as out:
+                out.write(json.dumps({"step": self.state.step, "keys": keys}) + "\n")
+
+    def _inject_fault(self) -> None:
+        step = self.fail_at_step
+        if self.spec.fail_with == "sigkill":
+            if self.session.rank == self.session.world_size - 1:
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup: a lost process
+            return
+        raise RuntimeError(f"injected failure at step {step} (fault injection)")
 
     def end_of_step(self) -> None:
         """Log, evaluate and checkpoint on their cadences; the last step does all three.
@@ -217,7 +273,7 @@ class TrainLoop:
         self._log({f"val/{k}": v for k, v in result.metrics.items()}
                   | {"val_loss": result.metrics["val_loss"]})
         for name, image in result.images.items():
-            if self.tracker:
+            if self.tracker and self.state.step > self.logged_through:
                 log_png(self.tracker, self.spec.run_id, image,
                         f"samples/{name}_step{self.state.step:06d}.png")
         return dict(result.metrics)
@@ -228,15 +284,21 @@ class TrainLoop:
             self.eval_model_step = self.state.step
 
     def _log(self, metrics: dict) -> None:
-        if self.tracker:
+        """To MLflow, once per step: a resumed run redoes the steps since its checkpoint
+        exactly, and what the lost attempt logged for them stands."""
+        if self.tracker and self.state.step > self.logged_through:
             log_metrics(self.tracker, self.spec.run_id, metrics, self.state.step)
 
     def checkpoint(self, metrics: dict) -> None:
-        """Every rank saves its DeepSpeed shard and reports it; rank 0 adds the loop state,
-        EMA and portable weights. Ray Train registers the checkpoint only once all ranks
-        reported, so a half-written checkpoint is never the latest one."""
+        """Every rank saves its DeepSpeed shard and its stream position and reports them;
+        rank 0 adds the loop state, EMA and portable weights. Ray Train registers the
+        checkpoint only once all ranks reported, so a half-written one is never the latest."""
         with tempfile.TemporaryDirectory() as directory:
             self.engine.save_checkpoint(directory, tag=ENGINE_TAG)
+            record = {"position": asdict(self.position), "layout": self.session.layout(),
+                      "batch_size": self.stage.batch_size}
+            (Path(directory) / POSITION_FILE.format(rank=self.session.rank)).write_text(
+                json.dumps(record))
             if self.is_chief:
                 path = Path(directory)
                 torch.save(self.ema.state_dict(), path / EMA_FILE)
@@ -245,6 +307,12 @@ class TrainLoop:
                 save_portable(str(path / PORTABLE_DIR), self.task.name, self.eval_model,
                               self.task.model_config(self.eval_model))
             self.session.report(metrics, directory)
+
+
+def _last_logged_step(client, run_id: str) -> int:
+    # every log window logs step_time_s, every evaluation val_loss
+    return max((m.step for key in ("step_time_s", "val_loss")
+                for m in client.get_metric_history(run_id, key)), default=0)
 
 
 def _device(use_gpu: bool) -> torch.device:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,15 @@ from orchestration.layout import DONE_FILE, PORTABLE_DIR, portable_uri, require_
 from orchestration.stages import task_class
 
 
+class StageError(RuntimeError):
+    """A stage's workers stopped on something the user can fix (data, layout, budget)."""
+
+
+# worker errors that already say what is wrong and what to do: shown as they are
+USER_FACING_WORKER_ERRORS = ("DataLayoutChanged", "DataExhausted",
+                             "BadRecordBudgetExceeded", "StorageError")
+
+
 @dataclass
 class StageResult:
     stage: str
@@ -31,12 +41,13 @@ class StageResult:
 
 
 def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
-              log=print, fail_at_step: int | None = None, callbacks: list | None = None,
-              tags: dict | None = None) -> StageResult:
+              log=print, callbacks: list | None = None, tags: dict | None = None,
+              **worker_options) -> StageResult:
     """Train one stage as a Ray Train job; returns where its portable weights are.
 
     `callbacks` go to the Train RunConfig (a Tune sweep forwards metrics with one); `tags`
-    are added to the stage's MLflow run when it is created.
+    are added to the stage's MLflow run when it is created. `worker_options` are the test
+    hooks of `WorkerSpec` (fault injection, the sample log).
     """
     from data_pipelines.streaming import bad_record_budget
     from orchestration.data_check import ensure_dataset
@@ -51,7 +62,7 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
     budget = (bad_record_budget(config.data.max_skip_fraction)
               if task.dataset_kind == "images" else contextlib.nullcontext())
     with budget as counter:
-        datasets = task.datasets(train_samples, counter)
+        datasets = task.datasets(counter)
         task.prepare()
         run_id = _stage_run(config, stage, parent_run_id, tags)
         init_from = (resolve_init_from(task.stage.init_from, config, stage)
@@ -59,9 +70,9 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
         from orchestration.train_loop import WorkerSpec
 
         spec = WorkerSpec(config=config, task=type(task), run_id=run_id,
-                          train_samples=train_samples, init_from=init_from,
-                          fail_at_step=fail_at_step)
-        return _fit(spec, datasets, callbacks, log)
+                          train_samples=train_samples, train_stream=datasets["train"],
+                          init_from=init_from, **worker_options)
+        return _fit(spec, {"test": datasets["test"]}, callbacks, log)
 
 
 def _stage_run(config: Config, stage: str, parent_run_id: str | None, tags: dict | None) -> str:
@@ -110,8 +121,8 @@ def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             callbacks=callbacks),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,  # test only: each worker opens its own train stream
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     client = client_for(config.mlflow.tracking_uri)
     start = time.monotonic()
@@ -119,6 +130,9 @@ def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
         result = trainer.fit()
     except BaseException as exc:
         client.set_terminated(spec.run_id, status=ended_status(exc))
+        reason = user_facing_reason(exc)
+        if reason:
+            raise StageError(f"{stage}: {reason}") from None
         raise
     final = dict(result.metrics or {})
     export_final(config, stage, result.checkpoint, final)
@@ -127,6 +141,25 @@ def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
     log(f"[{stage}] done in {time.monotonic() - start:.0f}s; weights at "
         f"{portable_uri(config, stage)}; MLflow run {spec.run_id}")
     return StageResult(stage, spec.run_id, portable_uri(config, stage), final)
+
+
+def user_facing_reason(exc: BaseException) -> str | None:
+    """The one line our own error gave, when a Ray Train failure or a Ray Data task error
+    wraps one of ours (Ray Data keeps only its text: the traceback ends `module.Name: msg`)."""
+    pattern = re.compile(rf"(?:^|[\s.])(?:{'|'.join(USER_FACING_WORKER_ERRORS)}): (.+)$",
+                         re.MULTILINE)
+    for failure in [*getattr(exc, "worker_failures", {}).values(), exc]:
+        seen = set()
+        while failure is not None and id(failure) not in seen:
+            seen.add(id(failure))
+            if any(cls.__name__ in USER_FACING_WORKER_ERRORS for cls in type(failure).__mro__):
+                return str(failure).strip().splitlines()[-1]
+            found = pattern.findall(str(failure))
+            if found:
+                return found[-1].strip()
+            failure = (getattr(failure, "cause", None) or failure.__cause__
+                       or failure.__context__)
+    return None
 
 
 def ended_status(exc: BaseException) -> str:

@@ -69,12 +69,12 @@ class Task:
         """Samples in one epoch of the train split (plans epochs and the `epoch` metric)."""
         return manifest.splits["train"].num_samples
 
-    def datasets(self, train_samples: int, counter) -> dict:
-        """{"train": ..., "test": ...} Ray datasets; "train" is split across workers."""
+    def datasets(self, counter) -> dict:
+        """{"train": a `TrainStream` each worker opens at its own position, "test": a Ray
+        dataset}; `counter` budgets unreadable records."""
         from orchestration.tasks.data import image_datasets
 
-        return image_datasets(self.config, self.name, self.image_columns, train_samples,
-                              counter)
+        return image_datasets(self.config, self.image_columns, counter)
 
     def prepare(self) -> None:
         """Write what the workers need beyond the datasets into storage (default: nothing)."""

@@ -42,8 +42,9 @@ class PriorTask(Task):
     def train_samples(self, manifest) -> int:
         return embeddings_manifest(self.config)["splits"]["train"]["num_samples"]
 
-    def datasets(self, train_samples: int, counter) -> dict:
-        return embedding_datasets(self.config, self.name, train_samples)
+    def datasets(self, counter) -> dict:
+        tokens = ("text_tokens",) if self.config.data.embed_token_encodings else ()
+        return embedding_datasets(self.config, ("text_emb", "image_emb", *tokens))
 
     def prepare(self) -> None:
         """The first image embeddings of the train split, for the prior's normalisation: the

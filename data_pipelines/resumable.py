@@ -1,0 +1,203 @@
+"""Exactly-once, resumable training streams: one deterministic sample order per worker rank.
+
+Ray Data has no resumable iterator, and how Ray Train splits one stream across workers
+depends on timing and locality. So each rank builds its own stream from a plan that follows
+from the seed alone, after the design of MosaicML's StreamingDataset (a seeded partition of
+samples over ranks, plus a record of where each rank is):
+
+- epoch e: the shards are permuted with a generator seeded by (seed, e); rank r takes every
+  `world_size`-th shard of that order, starting at r;
+- a rank reads its shards `window_shards` at a time and permutes the samples of a window
+  together (seeded by seed, e, r, window), so a dataset ingested class by class (one class
+  per shard) still gives mixed batches;
+- reading, permuting and decoding run as Ray Data tasks, off the training process, in order.
+
+A rank's place is a `Position` (epoch, window, row). Resuming opens the epoch at that window
+and drops its first `row` samples before they are decoded: shards before it are not read at
+all, so resuming costs at most one window's read, however far the run had got.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from data_pipelines.shards import iter_webdataset_members
+
+ShardKind = Literal["webdataset", "parquet", "embeddings"]
+WINDOW_COLUMN, ROW_COLUMN = "_window", "_row"  # where each sample sits in its rank's plan
+
+
+class DataLayoutChanged(RuntimeError):
+    """A saved position means nothing in the current data layout."""
+
+
+@dataclass(frozen=True)
+class Position:
+    epoch: int = 0
+    window: int = 0
+    row: int = 0  # samples of the window (in its permuted order) already consumed
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What decides every rank's sample order; two plans with equal `layout()` agree."""
+
+    shard_uris: tuple[str, ...]
+    kind: ShardKind
+    data_identity: str  # the manifest's hash: a rebuilt dataset invalidates positions
+    seed: int
+    world_size: int
+    window_shards: int
+    samples_per_shard: float  # average, to count an unreadable shard against the budget
+
+    def __post_init__(self):
+        if len(self.shard_uris) < self.world_size:
+            raise ValueError(
+                f"the train split has {len(self.shard_uris)} shard(s) but scaling.num_workers "
+                f"is {self.world_size}: each worker reads whole shards; rebuild the dataset with "
+                "smaller shards (e.g. `--samples-per-shard`) or use fewer workers")
+
+    def layout(self) -> dict:
+        return {"data": self.data_identity, "shards": len(self.shard_uris),
+                "world_size": self.world_size, "window_shards": self.window_shards,
+                "seed": self.seed}
+
+    def windows(self, epoch: int, rank: int) -> list[tuple[str, ...]]:
+        """The rank's shards for `epoch`, grouped into windows, in reading order."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_uris))
+        mine = [self.shard_uris[i] for i in order[rank::self.world_size]]
+        return [tuple(mine[i:i + self.window_shards])
+                for i in range(0, len(mine), self.window_shards)]
+
+
+def layout_difference(saved: dict, current: dict) -> str | None:
+    """What changed between two layouts, in words, or None when a position carries over."""
+    changed = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in current
+               if saved.get(key) != current[key]]
+    return ", ".join(changed) or None
+
+
+def rank_dataset(plan: StreamPlan, rank: int, start: Position, *, counter=None):
+    """The rank's raw samples of one epoch from `start` on, as a Ray dataset (in order):
+    columns of the shards (key, image bytes, caption, or the embedding columns) plus
+    `_window` and `_row`."""
+    import ray.data
+
+    windows = plan.windows(start.epoch, rank)[start.window:]
+    items = [{"window": start.window + i, "skip": start.row if i == 0 else 0,
+              "shards": json.dumps(shards)} for i, shards in enumerate(windows)]
+    if not items:
+        return ray.data.from_items([]).limit(0)
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_window, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"plan": plan, "epoch": start.epoch, "rank": rank, "counter": counter})
+
+
+def read_window(item, *, plan: StreamPlan, epoch: int, rank: int, counter=None):
+    """One window: read its shards, permute their samples together, drop the consumed ones."""
+    import pyarrow as pa
+
+    window, skip = item["window"][0].as_py(), item["skip"][0].as_py()
+    tables, reasons, lost = [], [], 0
+    for uri in json.loads(item["shards"][0].as_py()):
+        table, reason = _read_shard(uri, plan.kind)
+        read = table.num_rows if table is not None else 0
+        if read:
+            tables.append(table)
+        if reason:  # what an average shard holds, less what could be read, counts as lost
+            reasons.append(reason)
+            lost += max(1, int(round(plan.samples_per_shard)) - read)
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    order = np.random.default_rng([plan.seed, epoch, rank, window]).permutation(table.num_rows)
+    table = table.take(pa.array(order[skip:], type=pa.int64()))
+    if counter is not None:  # the window's records are counted here, once, decoded or not
+        _charge_budget(counter, table.num_rows + lost, lost, reasons)
+    return table.append_column(WINDOW_COLUMN, pa.array(np.full(table.num_rows, window)))\
+        .append_column(ROW_COLUMN, pa.array(np.arange(skip, skip + table.num_rows)))
+
+
+def _charge_budget(counter, seen: int, lost: int, reasons: list[str]) -> None:
+    import ray
+
+    from data_pipelines.streaming import BadRecordBudgetExceeded
+
+    seen, bad, over = ray.get(counter.record.remote(seen, lost, reasons))
+    if over:
+        raise BadRecordBudgetExceeded(
+            f"{bad} of {seen} records unreadable so far (first: {reasons[0]}); "
+            "raise data.max_skip_fraction or fix the shards")
+
+
+def _read_shard(uri: str, kind: ShardKind):
+    """(table, reason): a shard's samples, and why some or all could not be read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipelines.storage import StorageError, resolve
+
+    try:
+        data = resolve(uri).read_bytes()
+    except StorageError as exc:  # deleted or unreachable since the manifest was written
+        return None, f"{uri}: {exc}"
+    if kind != "webdataset":
+        try:
+            return pq.read_table(io.BytesIO(data)), None
+        except (pa.ArrowException, OSError) as exc:
+            return None, f"{uri}: unreadable Parquet ({exc})"
+    rows, reason = [], None
+    try:
+        for key, members in iter_webdataset_members(data):
+            rows.append(_webdataset_row(key, members))
+    except (tarfile.TarError, OSError, EOFError) as exc:  # truncated: keep what came before
+        reason = f"{uri}: truncated or corrupt tar after {len(rows)} samples ({exc})"
+    return pa.Table.from_pylist(rows, schema=_WEBDATASET_SCHEMA()), reason
+
+
+def _webdataset_row(key: str, members: dict) -> dict:
+    from data_pipelines.shards import STREAM_IMAGE_EXTS
+
+    image = next((members[ext] for ext in STREAM_IMAGE_EXTS if ext in members), None)
+    caption = members.get("txt")
+    return {"key": key, "image": image,
+            "caption": caption.decode("utf-8", "replace") if caption is not None else None}
+
+
+def _WEBDATASET_SCHEMA():
+    import pyarrow as pa
+
+    return pa.schema([("key", pa.string()), ("image", pa.binary()), ("caption", pa.string())])
+
+
+def plan_identity(text: str | bytes) -> str:
+    data = text.encode() if isinstance(text, str) else text
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrainStream:
+    """A stage's train data as each rank opens it: the plan, then (for image shards) decode
+    and augmentation as Ray Data tasks. Travels to the workers inside their spec."""
+
+    plan: StreamPlan
+    columns: tuple[str, ...]  # what the task trains on (besides each sample's key)
+    preprocess: object | None = None  # PreprocessSettings for image shards; None: as stored
+    counter: object | None = None  # the run's BadRecordCounter
+
+    def dataset(self, rank: int, start: Position):
+        from data_pipelines.streaming import preprocess_batch
+
+        dataset = rank_dataset(self.plan, rank, start, counter=self.counter)
+        if self.preprocess is not None:
+            dataset = dataset.map_batches(preprocess_batch, batch_size=128, fn_kwargs={
+                "settings": self.preprocess, "train": True, "seed": self.plan.seed,
+                "epoch": start.epoch, "counter": self.counter, "count_seen": False})
+        dataset = dataset.select_columns(["key", *self.columns, WINDOW_COLUMN, ROW_COLUMN])
+        dataset.context.execution_options.preserve_order = True  # the plan's order, exactly
+        return dataset
