@@ -3,10 +3,8 @@
 Same model preset, batch size, optimizer and thread count. The loop runs as a real Ray Train
 job (1 worker, DeepSpeed ZeRO-0 and ZeRO-2, Ray Data streaming from a local shards folder);
 its step time is the median of the `step_time_s` windows it logs to MLflow, skipping the
-first (warm-up). The bare loop trains on in-memory tensors. The loop runs twice: streaming
-(Ray Data decodes beside training, competing for the same cores on a CPU-only machine) and
-with `data.materialize_train` (decoded once before training), which isolates the loop's own
-cost. Usage:
+first (warm-up). The bare loop trains on in-memory tensors; the loop streams (Ray Data
+decodes beside training, competing for the same cores on a CPU-only machine). Usage:
 
     python benchmarks/loop_overhead.py [--steps 60] [--stages clip decoder] [--threads 2]
         [--repeats 2]
@@ -99,37 +97,33 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="loop-overhead-")
 
-    def config_for(name: str, zero: int, materialize: bool):
+    def config_for(name: str, zero: int):
         overrides = [f"data.uri={work}/shapes", f"storage_root={work}/runs", f"run_name={name}",
                      f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
                      f"deepspeed.zero_stage={zero}", f"scaling.torch_threads={args.threads}",
-                     f"data.materialize_train={materialize}",
                      "data.shapes.train_size=2000", "data.shapes.test_size=64"]
         for stage in ("clip", "decoder"):
             overrides += [f"{stage}.steps={args.steps}", f"{stage}.log_every=10",
                           f"{stage}.checkpoint_every={args.steps}"]
         return load_config("tiny", overrides)
 
-    base = config_for("clip-for-decoder", 0, False)
+    base = config_for("clip-for-decoder", 0)
     connect(base)
     if "decoder" in args.stages and not stage_done(base, "clip"):
         run_stage(base, "clip", log=lambda *_: None)
     samples: dict = {}  # (stage, zero) -> measure -> [seconds per step, one per repeat]
     for repeat in range(args.repeats):  # interleaved, so drift hits every measure alike
         for zero in (0, 2):
-            stream = config_for(f"z{zero}-stream-r{repeat}", zero, False)
-            held = config_for(f"z{zero}-materialized-r{repeat}", zero, True)
+            stream = config_for(f"z{zero}-stream-r{repeat}", zero)
             for stage in args.stages:
                 if stage != "clip":
                     share_upstream(base, stream, stage)
-                    share_upstream(base, held, stage)
                 row = samples.setdefault((stage, zero), {})
                 measures = {
                     "bare_process": bare_step_time(stream, stage, args.steps),
                     "bare_ray_task": bare_step_time_in_ray(stream, stage, args.steps,
                                                            args.threads),
                     "loop_stream": loop_step_time(stream, stage)[0],
-                    "loop_materialized": loop_step_time(held, stage)[0],
                 }
                 for key, value in measures.items():
                     row.setdefault(key, []).append(value)
@@ -143,10 +137,8 @@ def main() -> None:
                      **{f"{k}_s_per_step": round(v, 4) for k, v in median.items()},
                      "ratio_stream_vs_process": round(median["loop_stream"]
                                                       / median["bare_process"], 3),
-                     "ratio_materialized_vs_process": round(median["loop_materialized"]
-                                                            / median["bare_process"], 3),
-                     "ratio_materialized_vs_ray_task": round(median["loop_materialized"]
-                                                             / median["bare_ray_task"], 3)})
+                     "ratio_stream_vs_ray_task": round(median["loop_stream"]
+                                                       / median["bare_ray_task"], 3)})
     print(json.dumps({"threads": args.threads, "steps": args.steps, "repeats": args.repeats,
                       "results": rows}, indent=2))
 

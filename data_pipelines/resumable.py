@@ -84,6 +84,12 @@ def layout_difference(saved: dict, current: dict) -> str | None:
     return ", ".join(changed) or None
 
 
+def layout_changed(stage: str, run_name: str, changed: str) -> str:
+    return (f"cannot resume {stage} of run '{run_name}': the data layout changed since its "
+            f"last checkpoint ({changed}), so the saved stream positions mean nothing now; "
+            "restore the old layout, or set a new run_name to train from scratch")
+
+
 def rank_dataset(plan: StreamPlan, rank: int, start: Position, *, counter=None):
     """The rank's raw samples of one epoch from `start` on, as a Ray dataset (in order):
     columns of the shards (key, image bytes, caption, or the embedding columns) plus

@@ -24,7 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipelines.resumable import DataLayoutChanged, Position, layout_difference
+from data_pipelines.resumable import (
+    DataLayoutChanged,
+    Position,
+    layout_changed,
+    layout_difference,
+)
 from orchestration.config import Config
 from orchestration.engine_setup import EMA, build_optimizer, deepspeed_config, warmup_cosine
 from orchestration.layout import PORTABLE_DIR
@@ -109,8 +114,9 @@ class TrainLoop:
         self.tracker = client_for(self.config.mlflow.tracking_uri) if (
             self.is_chief and spec.run_id) else None
         # steps up to here are in MLflow already (an attempt that died after its checkpoint)
+        # (also after a restart from no checkpoint at all)
         self.logged_through = _last_logged_step(self.tracker, spec.run_id) if (
-            self.tracker and self.state.step) else 0
+            self.tracker) else 0
         self.eval_model = self.task.build_model().to(self.device) if self.is_chief else None
         self.eval_batches: list[dict] = []
         self.eval_model_step = -1  # the step whose EMA weights eval_model holds
@@ -159,11 +165,8 @@ class TrainLoop:
         saved = json.loads(path.read_text()) if path.exists() else {"layout": {}}
         changed = layout_difference(saved["layout"], layout)
         if changed:
-            raise DataLayoutChanged(
-                f"cannot resume {self.task.name} of run '{self.config.run_name}': the data "
-                f"layout changed since its last checkpoint ({changed}), so the saved stream "
-                "positions mean nothing now; restore the old layout, or set a new run_name "
-                "to train from scratch")
+            raise DataLayoutChanged(layout_changed(self.task.name, self.config.run_name,
+                                                   changed))
         if saved["batch_size"] != self.stage.batch_size and self.is_chief:
             logger.info("[%s] batch size %s -> %s: stream positions count samples, so the run "
                         "resumes exactly where it stopped", self.task.name, saved["batch_size"],

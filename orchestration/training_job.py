@@ -63,6 +63,7 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
               if task.dataset_kind == "images" else contextlib.nullcontext())
     with budget as counter:
         datasets = task.datasets(counter)
+        refuse_changed_layout(config, stage, datasets["train"].plan)
         task.prepare()
         run_id = _stage_run(config, stage, parent_run_id, tags)
         init_from = (resolve_init_from(task.stage.init_from, config, stage)
@@ -73,6 +74,26 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
                           train_samples=train_samples, train_stream=datasets["train"],
                           init_from=init_from, **worker_options)
         return _fit(spec, {"test": datasets["test"]}, callbacks, log)
+
+
+def refuse_changed_layout(config: Config, stage: str, plan) -> None:
+    """Before any worker starts: a run resumes only where its latest checkpoint's stream
+    positions still mean something (the workers check again as they restore)."""
+    from data_pipelines.resumable import layout_changed, layout_difference
+
+    stage_dir = resolve(stage_uri(config, stage))
+    snapshot = stage_dir.join("checkpoint_manager_snapshot.json")  # Ray Train's own record
+    if not snapshot.exists():
+        return
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        record = stage_dir.join(latest["checkpoint_dir_name"], "data_position_rank0.json")
+    except (KeyError, TypeError, ValueError):
+        return  # a format this version does not know: the workers' check still holds
+    if record.exists():
+        changed = layout_difference(json.loads(record.read_text())["layout"], plan.layout())
+        if changed:
+            raise StageError(layout_changed(stage, config.run_name, changed))
 
 
 def _stage_run(config: Config, stage: str, parent_run_id: str | None, tags: dict | None) -> str:

@@ -13,7 +13,7 @@ from orchestration.config import load_config
 from orchestration.embed_job import run_embed
 from orchestration.layout import portable_uri, stage_done
 from orchestration.tasks.base import load_portable
-from orchestration.training_job import run_stage
+from orchestration.training_job import StageError, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -154,6 +154,12 @@ def test_a_worker_killed_mid_epoch_costs_no_sample_and_repeats_none(tmp_path):
     assert steps == [2, 4, 6, 8, 10, 12]  # nothing logged twice, nothing out of order
     assert killed.final_metrics["loss"] == pytest.approx(straight.final_metrics["loss"],
                                                          rel=1e-4)
+    # resuming with another worker count would put the saved positions on the wrong ranks:
+    # refused before any worker starts
+    with pytest.raises(StageError, match=r"cannot resume clip of run 'killed': the data "
+                       r"layout changed .*\(world_size 2 -> 1\).*set a new run_name"):
+        run_stage(load_config("tiny", base + ["run_name=killed", "scaling.num_workers=1"]),
+                  "clip")
 
 
 def _clip_loss_worker(rank: int, world: int, port: int, features, out) -> None:

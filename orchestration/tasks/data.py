@@ -50,22 +50,26 @@ def embeddings_manifest(config: Config) -> dict:
     return json.loads(location.read_text())
 
 
-def embedding_split(config: Config, split: str) -> ray.data.Dataset:
+def embedding_shards(config: Config, split: str, manifest: dict | None = None) -> list:
+    """Locations of a split's embedding shards: those the finished embedding job listed in
+    its manifest, never whatever else lies in the folder."""
+    manifest = manifest or embeddings_manifest(config)
     root = resolve(config.data.resolved_embeddings_uri).join(split)
-    files = [p for p in root.list_files() if p.endswith(".parquet")]
-    if not files:
-        raise StorageError(f"no embedding shards at {root.uri}; run `unclip embed` first")
-    return ray.data.read_parquet(files, filesystem=root.filesystem)
+    names = manifest.get("splits", {}).get(split, {}).get("shards", [])
+    if not names:
+        raise StorageError(f"no '{split}' embedding shards at {root.uri}; run `unclip embed`")
+    return [root.join(name) for name in names]
+
+
+def embedding_split(config: Config, split: str) -> ray.data.Dataset:
+    shards = embedding_shards(config, split)
+    return ray.data.read_parquet([s.path for s in shards], filesystem=shards[0].filesystem)
 
 
 def embedding_datasets(config: Config, columns: tuple[str, ...]) -> dict:
     manifest = embeddings_manifest(config)
-    root = resolve(config.data.resolved_embeddings_uri).join("train")
-    train = manifest["splits"]["train"]  # the shards the finished embedding job listed
-    files = [root.join(name).uri for name in train["shards"]]
-    if not files:
-        raise StorageError(f"no embedding shards at {root.uri}; run `unclip embed` first")
+    files = [shard.uri for shard in embedding_shards(config, "train", manifest)]
     identity = plan_identity(json.dumps(manifest, sort_keys=True))
-    samples = train["num_samples"]
+    samples = manifest["splits"]["train"]["num_samples"]
     plan = stream_plan(config, files, "embeddings", identity, samples)
     return {"train": TrainStream(plan, columns), "test": embedding_split(config, "test")}
