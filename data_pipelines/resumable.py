@@ -32,6 +32,8 @@ from data_pipelines.shards import iter_webdataset_members
 
 ShardKind = Literal["webdataset", "parquet", "embeddings"]
 WINDOW_COLUMN, ROW_COLUMN = "_window", "_row"  # where each sample sits in its rank's plan
+BLOCK_ROWS = 256  # a window leaves its reader in blocks this size, each decoded by a task
+READ_CPUS = 0.5
 
 
 class DataLayoutChanged(RuntimeError):
@@ -101,13 +103,16 @@ def rank_dataset(plan: StreamPlan, rank: int, start: Position, *, counter=None):
               "shards": json.dumps(shards)} for i, shards in enumerate(windows)]
     if not items:
         return ray.data.from_items([]).limit(0)
+    # reading asks for less CPU than decoding, so Ray Data does not fuse the two into one task
+    # per window: a window's blocks are decoded by parallel tasks, in order
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_window, batch_size=1, batch_format="pyarrow",
+        read_window, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
         fn_kwargs={"plan": plan, "epoch": start.epoch, "rank": rank, "counter": counter})
 
 
 def read_window(item, *, plan: StreamPlan, epoch: int, rank: int, counter=None):
-    """One window: read its shards, permute their samples together, drop the consumed ones."""
+    """One window: read its shards, permute their samples together, drop the consumed ones;
+    yields blocks of raw samples."""
     import pyarrow as pa
 
     window, skip = item["window"][0].as_py(), item["skip"][0].as_py()
@@ -125,8 +130,10 @@ def read_window(item, *, plan: StreamPlan, epoch: int, rank: int, counter=None):
     table = table.take(pa.array(order[skip:], type=pa.int64()))
     if counter is not None:  # the window's records are counted here, once, decoded or not
         _charge_budget(counter, table.num_rows + lost, lost, reasons)
-    return table.append_column(WINDOW_COLUMN, pa.array(np.full(table.num_rows, window)))\
+    table = table.append_column(WINDOW_COLUMN, pa.array(np.full(table.num_rows, window)))\
         .append_column(ROW_COLUMN, pa.array(np.arange(skip, skip + table.num_rows)))
+    for first in range(0, table.num_rows, BLOCK_ROWS):
+        yield table.slice(first, BLOCK_ROWS)
 
 
 def _charge_budget(counter, seen: int, lost: int, reasons: list[str]) -> None:

@@ -173,11 +173,11 @@ def user_facing_reason(exc: BaseException) -> str | None:
         seen = set()
         while failure is not None and id(failure) not in seen:
             seen.add(id(failure))
-            if any(cls.__name__ in USER_FACING_WORKER_ERRORS for cls in type(failure).__mro__):
-                return str(failure).strip().splitlines()[-1]
-            found = pattern.findall(str(failure))
+            found = pattern.findall(str(failure))  # Ray's wrappers: a traceback's text
             if found:
                 return found[-1].strip()
+            if any(cls.__name__ in USER_FACING_WORKER_ERRORS for cls in type(failure).__mro__):
+                return str(failure).strip()
             failure = (getattr(failure, "cause", None) or failure.__cause__
                        or failure.__context__)
     return None

@@ -84,7 +84,7 @@ def test_two_node_training_survives_losing_a_node(tmp_path, s3_bucket, ray_sessi
         for path in sorted(log_dir.glob("rank*.jsonl")):
             lines = [json.loads(line) for line in path.read_text().splitlines()]
             steps = [entry["step"] for entry in lines]
-            assert steps != sorted(steps)  # a restart went back to the checkpoint
+            assert len(steps) > len(set(steps))  # a restart redid the steps since step 3
             for entry in lines:
                 kept.setdefault(path.stem, {})[entry["step"]] = entry["keys"]
         expected = _expected_keys(config, 10)  # 7 steps of epoch 0 (60 // 8), 3 of epoch 1
