@@ -166,6 +166,7 @@ def build_shapes(out: str, settings: ShapesSettings, *, fmt: ShardFormat = "webd
     """Render the dataset into shards at `out` and write its manifest last."""
     root: Location = resolve(out)
     check_output_free(root, overwrite)
+    root.join(MANIFEST_NAME).delete()  # an overwritten dataset is incomplete until rewritten
     plan = _shard_plan(settings)
     if use_ray:
         import ray

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipelines.storage import Location, StorageError, is_s3_uri, resolve
+from data_pipelines.storage import Location, StorageError, describe_error, is_s3_uri, resolve
 
 MANIFEST_NAME = "manifest.json"
 ShardFormat = Literal["webdataset", "parquet"]
@@ -190,6 +191,56 @@ def shard_location(root: Location, entry: str) -> Location:
     if is_s3_uri(entry) or entry.startswith("/"):
         return resolve(entry)
     return root.join(entry)
+
+
+def check_manifest_shards(uri: str, manifest: Manifest, splits: tuple[str, ...] | None = None
+                          ) -> None:
+    """StorageError (one line) when the manifest disagrees with its shards: a split that counts
+    samples but lists no shard, or a listed shard that is missing or empty. Each shard folder
+    is listed once (one listing instead of a request per shard, which matters on S3)."""
+    root = resolve(uri)
+    for split, info in manifest.splits.items():
+        if splits is not None and split not in splits:
+            continue
+        if info.num_samples and not info.shards:
+            raise StorageError(
+                f"dataset {uri}: {MANIFEST_NAME} counts {info.num_samples} '{split}' samples "
+                "but lists no shards; rebuild the dataset (or its index)")
+        locations = [shard_location(root, entry) for entry in info.shards]
+        sizes = _listed_sizes(locations)
+        missing = [loc for loc in locations if _key(loc) not in sizes]
+        empty = [loc for loc in locations if sizes.get(_key(loc)) == 0]
+        for problem, found in (("missing", missing), ("empty", empty)):
+            if found:
+                raise StorageError(
+                    f"dataset {uri}: {MANIFEST_NAME} lists {len(found)} '{split}' shard(s) "
+                    f"that are {problem} (first: {found[0].uri}); restore them, or rebuild "
+                    "the dataset (or its index) so the manifest matches the shards")
+
+
+def _key(location: Location) -> tuple[bool, str]:
+    return location.is_s3, posixpath.normpath(location.path)
+
+
+def _listed_sizes(locations: list[Location]) -> dict[tuple[bool, str], int]:
+    """(is_s3, path) -> size in bytes of the files in the folders holding `locations`."""
+    from pyarrow import fs
+
+    folders: dict[tuple[bool, str], Location] = {}
+    for location in locations:
+        folder = posixpath.dirname(posixpath.normpath(location.path))
+        folders.setdefault((location.is_s3, folder), location)
+    sizes: dict[tuple[bool, str], int] = {}
+    for (is_s3, folder), location in folders.items():
+        try:
+            infos = location.filesystem.get_file_info(
+                fs.FileSelector(folder, recursive=False, allow_not_found=True))
+        except OSError as exc:
+            raise StorageError(describe_error(exc, location.uri)) from None
+        for info in infos:
+            if info.type == fs.FileType.File:
+                sizes[(is_s3, posixpath.normpath(info.path))] = info.size
+    return sizes
 
 
 def manifest_hash(uri: str) -> str:

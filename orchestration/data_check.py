@@ -9,7 +9,7 @@ import numpy as np
 import ray
 
 from data_pipelines.shapes import build_shapes
-from data_pipelines.shards import MANIFEST_NAME, Manifest, read_manifest
+from data_pipelines.shards import MANIFEST_NAME, Manifest, check_manifest_shards, read_manifest
 from data_pipelines.storage import StorageError, resolve
 from data_pipelines.streaming import image_caption_dataset
 from orchestration.config import Config
@@ -29,8 +29,23 @@ def ensure_dataset(config: Config, log=print) -> Manifest:
         build_shapes(config.data.uri, config.data.shapes, fmt=config.data.format)
     manifest = read_manifest(config.data.uri)
     if "train" not in manifest.splits or manifest.splits["train"].num_samples == 0:
-        raise StorageError(f"dataset {config.data.uri} has no train samples")
+        raise StorageError(
+            f"dataset {config.data.uri} has no train samples; rebuild it (`unclip data shapes`, "
+            "`unclip data ingest` or `unclip data index`) or point data.uri at another dataset")
+    check_manifest_shards(config.data.uri, manifest)
     return manifest
+
+
+def check_batch_fits(config: Config, stage: str, train_samples: int) -> None:
+    """StorageError (one line) when one step's batches need more samples than the train split
+    holds: every worker takes whole batches of `batch_size` from its share of each epoch."""
+    spec, workers = config.stage(stage), config.scaling.num_workers
+    if spec.batch_size * workers > train_samples:
+        raise StorageError(
+            f"{stage}.batch_size={spec.batch_size} x scaling.num_workers={workers} needs at "
+            f"least {spec.batch_size * workers} train samples per epoch, but dataset "
+            f"{config.data.uri} has {train_samples}; lower {stage}.batch_size or "
+            "scaling.num_workers, or use a larger dataset")
 
 
 def measure_stream(config: Config, *, split: str = "train", batch_size: int = 64,

@@ -2,7 +2,12 @@
 
 An actor pool (GPUs when configured) loads the CLIP's portable weights once per actor and
 writes Parquet embedding shards next to the dataset: key, caption, image_emb, text_emb and,
-optionally, the per-token text encodings the prior reads. A manifest is written last.
+optionally, the per-token text encodings the prior reads.
+
+The manifest is the embeddings' completion marker: a run deletes it, and every split's old
+shards, before writing any new shard, and writes it last. Embeddings without a manifest
+(a run that crashed half-way) are never trained on: the prior refuses them and the pipeline
+embeds again.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 from data_pipelines.progress import polled_progress
 from data_pipelines.shards import manifest_hash
-from data_pipelines.storage import resolve
+from data_pipelines.storage import StorageError, resolve
 from data_pipelines.streaming import bad_record_budget, image_caption_dataset
 from models.clip_model import encode_text_with_tokens
 from orchestration.config import Config
@@ -27,6 +32,8 @@ from orchestration.ray_runtime import connect
 from orchestration.tasks.base import load_portable
 
 BATCH_SIZE = 256
+SPLITS = ("train", "test")
+MANIFEST_FILE = "manifest.json"
 
 
 class ClipEmbedder:
@@ -56,25 +63,32 @@ def run_embed(config: Config, *, log=print) -> dict:
     dataset_manifest = ensure_dataset(config, log=log)
     clip_uri = require_stage(config, "clip", "the embedding job")
     out = resolve(config.data.resolved_embeddings_uri)
+    if out.uri == resolve(config.data.uri).uri:  # its manifest and splits would be replaced
+        raise StorageError(f"data.embeddings_uri {out.uri} is the dataset folder itself; "
+                           "leave it unset (<data.uri>/embeddings) or give another folder")
     manifest = {"clip": clip_uri, "clip_marker": clip_marker(config), "dataset": config.data.uri,
                 "dataset_manifest_hash": manifest_hash(config.data.uri), "splits": {}}
     start = time.monotonic()
+    # the old manifest goes first: from here on the folder is incomplete until it is
+    # rewritten; the old shards go with it, so none of them is mixed into the new ones
+    out.join(MANIFEST_FILE).delete()
+    for split in SPLITS:
+        out.join(split).delete()
     with bad_record_budget(config.data.max_skip_fraction) as counter:
-        for split in ("train", "test"):
+        for split in SPLITS:
             info = dataset_manifest.splits.get(split)
             expected = info.num_samples if info else None
             with polled_progress(f"embed {split}", expected, _seen_by(counter)):
                 manifest["splits"][split] = _embed_split(config, split, out, clip_uri, counter,
                                                          log)
     manifest["seconds"] = round(time.monotonic() - start, 1)
-    out.join("manifest.json").write_text(json.dumps(manifest, indent=2))
+    out.join(MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))  # last: complete
     return manifest
 
 
 def _embed_split(config: Config, split: str, out, clip_uri: str, counter, log) -> dict:
     """Embed one split into <embeddings>/<split>/*.parquet; returns its manifest entry."""
-    target = out.join(split)
-    target.delete()  # a rerun replaces the split whole; the manifest is rewritten last
+    target = out.join(split)  # emptied by run_embed before the first split was written
     dataset = image_caption_dataset(config.data.uri, split, config.data.preprocess,
                                     train=False, seed=config.seed, counter=counter)
     embedded = dataset.map_batches(

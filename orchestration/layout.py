@@ -3,7 +3,12 @@ and other nodes find them without being told:
     <storage_root>/<run_name>/<stage>/checkpoint_*/   Ray Train checkpoints (DeepSpeed shards)
     <storage_root>/<run_name>/<stage>/inputs/         driver-side inputs a task's workers read
     <storage_root>/<run_name>/<stage>/portable/       EMA fp32 weights + config (the export)
-A stage is complete when `portable/DONE.json` exists: it is written after the weights.
+    <storage_root>/<run_name>/pipeline/eval/          metrics, grids, the saved pipeline
+    <storage_root>/<run_name>/pipeline/register/      the registered version
+A stage (or pipeline step) is complete when its `DONE.json` exists: it is deleted before its
+outputs are rewritten and written after them, so a half-written output is never taken for a
+complete one. Markers live beside their outputs, never in a job's working directory, so a
+job resubmitted on another node sees them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from data_pipelines.storage import StorageError, resolve
 
 PORTABLE_DIR = "portable"
 INPUTS_DIR = "inputs"
+PIPELINE_DIR = "pipeline"
 DONE_FILE = "DONE.json"
 
 
@@ -25,6 +31,11 @@ def portable_uri(config, stage: str) -> str:
 
 def inputs_uri(config, stage: str) -> str:
     return f"{stage_uri(config, stage)}/{INPUTS_DIR}"
+
+
+def pipeline_step_uri(config, step: str) -> str:
+    """Outputs and DONE marker of one of the pipeline's own steps (eval, register)."""
+    return f"{stage_uri(config, PIPELINE_DIR)}/{step}"
 
 
 def stage_done(config, stage: str) -> bool:

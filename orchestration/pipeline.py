@@ -1,8 +1,12 @@
 """`unclip pipeline`: data -> CLIP -> embeddings -> prior + decoder -> eval -> registry.
 
-Each stage writes a completion marker last; a rerun skips complete stages and resumes the
-interrupted one from its checkpoint (Ray Train restores a run from its storage path and
-name). One MLflow parent run per pipeline run name, with a child run per training stage.
+Each stage deletes its completion marker before rewriting its outputs and writes it last,
+in storage beside the outputs (`orchestration.layout`), so a rerun - on this node or another
+- skips complete stages and resumes the interrupted one from its checkpoint (Ray Train
+restores a run from its storage path and name). One MLflow parent run per pipeline run name,
+with a child run per training stage; a rerun ends a parent its killed attempt left RUNNING.
+`outputs/<run_name>/` in the working directory holds copies for people to open (grids,
+metrics, the saved pipeline, the summary), never a marker.
 """
 
 from __future__ import annotations
@@ -10,20 +14,28 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
 
 from data_pipelines.shards import manifest_hash
-from data_pipelines.storage import resolve
+from data_pipelines.storage import Location, StorageError, describe_error, resolve
 from orchestration.config import Config
 from orchestration.data_check import ensure_dataset
 from orchestration.embed_job import clip_marker, run_embed
 from orchestration.evaluation import assemble_pipeline, evaluate_pipeline
-from orchestration.layout import DONE_FILE, portable_uri, stage_done, stage_uri
-from orchestration.ray_runtime import connect
+from orchestration.layout import (
+    DONE_FILE,
+    pipeline_step_uri,
+    portable_uri,
+    stage_done,
+    stage_uri,
+)
+from orchestration.ray_runtime import check_cluster_fits, connect
 from orchestration.stages import STAGES, task_class
 from orchestration.tracking import (
     client_for,
@@ -89,8 +101,26 @@ def trained_marker(config: Config) -> str:
     return json.dumps(parts)
 
 
-def _marker_matches(path: Path, marker: str) -> bool:
-    return path.exists() and json.loads(path.read_text()).get("marker") == marker
+EVAL_FILES = ("metrics.json", "samples.png", "eval_real_vs_generated.png", "prompts.json")
+SAVED_PIPELINE = "pipeline"  # the saved pipeline's folder, in storage and in outputs/
+
+
+def _marker_matches(done: Location, marker: str) -> bool:
+    """`done` (a step's DONE.json in storage) exists and was written for these weights."""
+    return done.exists() and json.loads(done.read_text()).get("marker") == marker
+
+
+def _copy_tree(source: Location, target: Location) -> None:
+    """Copy a folder between local disk and storage (either side local or S3)."""
+    from pyarrow.fs import copy_files
+
+    try:
+        if not target.is_s3:  # local folders are not created for a source's top-level files
+            target.filesystem.create_dir(target.path, recursive=True)
+        copy_files(source.path, target.path, source_filesystem=source.filesystem,
+                   destination_filesystem=target.filesystem)
+    except OSError as exc:
+        raise StorageError(describe_error(exc, target.uri)) from None
 
 
 def selected_stages(only: list[str] | None, from_stage: str | None) -> list[str]:
@@ -126,9 +156,10 @@ class PipelineRun:
     def run(self) -> dict:
         start = time.monotonic()
         connect(self.config)
+        check_cluster_fits(self.config)
         self.parent = find_or_create_run(self.config, run_key=f"{self.config.run_name}/pipeline",
                                          run_name=f"{self.config.run_name}-pipeline",
-                                         tags={"unclip.stage": "pipeline"})
+                                         tags={"unclip.stage": "pipeline"}, log=self.log)
         self.client = client_for(self.config.mlflow.tracking_uri)
         log_config(self.client, self.parent, self.config)
         self.summary["parent_run_id"] = self.parent
@@ -141,8 +172,8 @@ class PipelineRun:
             raise
         self.client.set_terminated(self.parent, status="FINISHED")
         self.summary["seconds"] = round(time.monotonic() - start, 1)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "pipeline_summary.json").write_text(json.dumps(self.summary, indent=2))
+        resolve(str(self.out / "pipeline_summary.json")).write_text(
+            json.dumps(self.summary, indent=2))
         return self.summary
 
     def run_group(self, group: list[str]) -> None:
@@ -201,14 +232,19 @@ class PipelineRun:
         self.rows["embed"]["output"] = self.config.data.resolved_embeddings_uri
 
     def evaluate(self) -> None:
+        """Score the assembled pipeline; its metrics, grids and saved folder go to storage
+        (<run>/pipeline/eval, DONE.json last) and, for people, to outputs/<run_name>/."""
         out, marker = self.out, trained_marker(self.config)
+        stored = resolve(pipeline_step_uri(self.config, "eval"))
         self.summary["grid"] = str(out / "samples.png")
         self.rows["eval"].update(output=self.summary["grid"], run_id=self.parent)
-        if self.skip("eval", _marker_matches(out / "eval_done.json", marker),
+        if self.skip("eval", _marker_matches(stored.join(DONE_FILE), marker),
                      "complete for these weights"):
-            self.metrics = json.loads((out / "metrics.json").read_text())
+            self.metrics = json.loads(stored.join("metrics.json").read_text())
+            _refresh_local(stored, out)
             self.rows["eval"]["metrics"] = _key_metrics(self.metrics)
             return
+        stored.join(DONE_FILE).delete()  # first: the outputs below are about to be replaced
         pipeline = assemble_pipeline(self.config)
         self.metrics = evaluate_pipeline(self.config, pipeline, out, log=self.log)
         log_metrics(self.client, self.parent,
@@ -217,22 +253,36 @@ class PipelineRun:
 
         for name in ("samples.png", "eval_real_vs_generated.png"):
             log_png(self.client, self.parent, Image.open(out / name), f"eval/{name}")
-        saved = out / "pipeline"
-        shutil.rmtree(saved, ignore_errors=True)
-        pipeline.save(saved)
-        (out / "eval_done.json").write_text(json.dumps({"marker": marker}))
+        fresh = out / f".{SAVED_PIPELINE}-{uuid.uuid4().hex[:8]}"
+        try:
+            pipeline.save(fresh)
+            stored.join(SAVED_PIPELINE).delete()
+            _copy_tree(resolve(str(fresh)), stored.join(SAVED_PIPELINE))
+            for name in EVAL_FILES:
+                stored.join(name).write_bytes((out / name).read_bytes())
+            # the local copy is swapped in whole: outputs/ never shows a half-saved folder
+            shutil.rmtree(out / SAVED_PIPELINE, ignore_errors=True)
+            fresh.rename(out / SAVED_PIPELINE)
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
+        stored.join(DONE_FILE).write_text(json.dumps(
+            {"marker": marker, "finished_unix": time.time()}))  # last: complete
         self.rows["eval"]["metrics"] = _key_metrics(self.metrics)
 
     def register(self) -> None:
-        out, marker = self.out, trained_marker(self.config)
-        record = out / "registered.json"
+        """Register the evaluated pipeline; <run>/pipeline/register/DONE.json (in storage)
+        records the version. Registering first and recording second is safe: a rerun after a
+        crash in between finds the version by its weights marker instead of adding one."""
+        marker = trained_marker(self.config)
+        record = resolve(pipeline_step_uri(self.config, "register")).join(DONE_FILE)
         if _marker_matches(record, marker) and "register" not in self.forced:
             registered = json.loads(record.read_text())
             self.log(f"[pipeline] register: version {registered['version']} already holds "
                      "these weights, skipping")
-            self.summary["registry"] = registered
+            self.summary["registry"] = {k: v for k, v in registered.items() if k != "marker"}
         else:
-            self.summary["registry"] = _register(self.config, self.parent, out, self.metrics,
+            record.delete()
+            self.summary["registry"] = _register(self.config, self.parent, self.metrics,
                                                  self.log)
             record.write_text(json.dumps({**self.summary["registry"], "marker": marker}))
         registry = self.summary["registry"]
@@ -253,14 +303,24 @@ def _room_for(config: Config, stages: int) -> bool:
     return ray.cluster_resources().get("CPU", 0) >= needed + 2  # + room for Ray Data
 
 
-def _register(config: Config, parent: str, out: Path, metrics: dict, log) -> dict:
-    from orchestration.registry import find_version, maybe_promote, register_pipeline
+def _refresh_local(stored: Location, out: Path) -> None:
+    """Copy an evaluation found complete in storage into outputs/ where this node lacks it
+    (the eval ran in an earlier job, maybe on another node)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in EVAL_FILES:
+        if not (out / name).exists() and stored.join(name).exists():
+            resolve(str(out / name)).write_bytes(stored.join(name).read_bytes())
 
+
+def _register(config: Config, parent: str, metrics: dict, log) -> dict:
+    from orchestration.registry import CANDIDATE, find_version, maybe_promote, register_pipeline
+
+    stored = resolve(pipeline_step_uri(config, "eval"))
+    if not _marker_matches(stored.join(DONE_FILE), trained_marker(config)):
+        raise StorageError(f"no evaluation of the current weights at {stored.uri}; run the "
+                           "eval stage first (`unclip pipeline --only eval`)")
     if not metrics:
-        metrics_file = out / "metrics.json"
-        if not metrics_file.exists():
-            raise FileNotFoundError(f"no evaluation at {metrics_file}; run the eval stage first")
-        metrics = json.loads(metrics_file.read_text())
+        metrics = json.loads(stored.join("metrics.json").read_text())
     client = client_for(config.mlflow.tracking_uri)
     components = {stage: client.search_runs(
         [client.get_run(parent).info.experiment_id],
@@ -268,15 +328,21 @@ def _register(config: Config, parent: str, out: Path, metrics: dict, log) -> dic
         max_results=1)[0].info.run_id for stage in STAGES}
     marker = hashlib.sha256(trained_marker(config).encode()).hexdigest()[:16]
     version = find_version(client, config.mlflow.registered_model, marker)
-    if version is not None:  # registered before a crash that lost the local record
+    if version is not None:  # registered before a crash that lost the record
         log(f"[register] version {version} already holds these weights")
+        _restore_candidate(client, config.mlflow.registered_model, version, CANDIDATE)
     else:
-        version = register_pipeline(
-            str(out / "pipeline"), tracking_uri=config.mlflow.tracking_uri,
-            model_name=config.mlflow.registered_model,
-            metrics={f"eval/{k}": v for k, v in metrics.items()}, component_runs=components,
-            dataset_uri=config.data.uri, manifest_hash=manifest_hash(config.data.uri),
-            parent_run_id=parent, weights_marker=marker)
+        with tempfile.TemporaryDirectory(prefix="unclip-pipeline-") as tmp:
+            saved = stored.join(SAVED_PIPELINE)
+            if saved.is_s3:  # register_pipeline stages a local folder
+                _copy_tree(saved, resolve(tmp))
+            version = register_pipeline(
+                tmp if saved.is_s3 else saved.path, tracking_uri=config.mlflow.tracking_uri,
+                model_name=config.mlflow.registered_model,
+                metrics={f"eval/{k}": v for k, v in metrics.items()},
+                component_runs=components, dataset_uri=config.data.uri,
+                manifest_hash=manifest_hash(config.data.uri), parent_run_id=parent,
+                weights_marker=marker)
     promoted, reason = maybe_promote(client, config.mlflow.registered_model, version,
                                      metric=config.mlflow.promote_metric,
                                      direction=config.mlflow.promote_direction)
@@ -284,6 +350,20 @@ def _register(config: Config, parent: str, out: Path, metrics: dict, log) -> dic
         f"{'champion' if promoted else 'not promoted'} ({reason})")
     return {"model": config.mlflow.registered_model, "version": version, "champion": promoted,
             "reason": reason}
+
+
+def _restore_candidate(client, model_name: str, version: int, alias: str) -> None:
+    """Give `version` the alias every new version gets, if a crash came between registering
+    it and setting the alias: the alias is unset or on an older version. (On a newer one it
+    was moved on since, and stays.)"""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = int(client.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        current = None
+    if current is None or current < version:
+        client.set_registered_model_alias(model_name, alias, str(version))
 
 
 def format_summary(summary: dict, tracking_uri: str) -> str:

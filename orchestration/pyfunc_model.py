@@ -15,6 +15,7 @@ import math
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -55,6 +56,11 @@ def check_prompt(prompt, *, field: str = "prompt") -> str:
         raise InvalidRequest(field, "must be a non-empty string")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidRequest(field, f"at most {MAX_PROMPT_CHARS} characters (got {len(prompt)})")
+    try:  # JSON's "\ud800" decodes to a lone surrogate, which no response can echo back
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(field, f"must be valid Unicode text (a lone surrogate at "
+                                    f"character {exc.start})") from None
     return prompt
 
 
@@ -178,9 +184,15 @@ class UnCLIPPyfunc(PythonModel):
                                             map_location=device)
 
     def predict(self, context, model_input, params=None):
-        prompts = prompts_from_input(model_input)
-        options = check_options(params)
-        check_model_limits(self.pipeline, options)
+        try:
+            prompts = prompts_from_input(model_input)
+            options = check_options(params)
+            check_model_limits(self.pipeline, options)
+        except InvalidRequest as exc:
+            # An MlflowException is what `mlflow models serve` answers with its own message
+            # (HTTP 400, INVALID_PARAMETER_VALUE); any other error becomes its generic
+            # "unexpected error" with the reason buried in a stack trace.
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
         images = self.pipeline.generate(prompts, **generate_kwargs(options))
         per_prompt = options.get("num_images", 1)
         rows = [(prompts[i // per_prompt], i % per_prompt,

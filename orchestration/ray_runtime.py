@@ -1,15 +1,29 @@
-"""Connecting to Ray: the cluster named in the config, $RAY_ADDRESS, or a local instance."""
+"""Connecting to Ray: the cluster named in the config, $RAY_ADDRESS, or a local instance;
+and checking, right after connecting, that the config's workers fit that cluster at all."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import ray.data
 
-from orchestration.config import Config
+from orchestration.config import Config, ConfigError
 from orchestration.quiet_logs import SETUP_HOOK, quiet_library_logs
+
+LOOPBACK = "127.0.0.1"
+# Written by the cluster launcher (`ray up`) on the head node, where submitted jobs run: the
+# cluster may add nodes (Ray Tune's own test for an autoscaling cluster).
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+class ClusterTooSmall(ConfigError):
+    """The config's Train workers can never be placed on the connected cluster: a config
+    error the CLI prints as one line."""
 
 
 def configure_ray_data() -> None:
@@ -38,4 +52,97 @@ def connect(config: Config | None = None) -> None:
     # uses that API to free a stopped run's CPUs (without it a stopped Tune trial's
     # placement group can outlive the trial)
     ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
+             dashboard_host=LOOPBACK,  # Ray's default too; said here so it stays so
              runtime_env={"worker_process_setup_hook": SETUP_HOOK})
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a cluster can ever hold: its nodes' resources, each with how many such nodes
+    there can be (None: no limit)."""
+
+    nodes: list[tuple[dict[str, float], int | None]]
+    source: str  # names the limit in messages
+
+    def total(self, resource: str) -> float:
+        amounts = [r.get(resource, 0.0) * (math.inf if n is None else n) for r, n in self.nodes
+                   if r.get(resource, 0.0)]
+        return sum(amounts)
+
+    def workers_that_fit(self, per_worker: dict[str, float]) -> float:
+        """Workers placeable one node at a time (a worker never spans nodes)."""
+        fits = 0.0
+        for resources, count in self.nodes:
+            per_node = min(math.floor(resources.get(name, 0.0) / amount + 1e-9)
+                           for name, amount in per_worker.items() if amount > 0)
+            if per_node:
+                fits += math.inf if count is None else per_node * count
+        return fits
+
+    def nodes_that_fit(self, per_worker: dict[str, float]) -> float:
+        """Nodes that hold at least one worker (STRICT_SPREAD puts one on each)."""
+        return sum(math.inf if count is None else count for resources, count in self.nodes
+                   if all(resources.get(k, 0.0) + 1e-9 >= v for k, v in per_worker.items()))
+
+
+def cluster_capacity() -> Capacity | None:
+    """The connected cluster's capacity: the autoscaler's maximum when Ray knows it, else the
+    nodes alive now. None for a launcher cluster whose maximum Ray does not report: its
+    autoscaler may add nodes of a size not known here."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()  # set where the autoscaler reports its limits
+    except Exception:  # a private API: absent or changed means "not known"
+        config = None
+    groups = list(config.node_group_configs) if config is not None else []
+    if groups:
+        return Capacity([(dict(g.resources), None if g.max_count == -1 else g.max_count)
+                         for g in groups if g.max_count != 0],
+                        "the Ray cluster at its autoscaling limit")
+    if Path(LAUNCHER_CONFIG).expanduser().exists():
+        return None
+    alive = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    return Capacity([(dict(resources), 1) for resources in alive], "the Ray cluster")
+
+
+def check_cluster_fits(config: Config, capacity: Capacity | None = None) -> None:
+    """Raise ClusterTooSmall (one line naming the key and the fix) when `config.scaling` asks
+    for Train workers the connected cluster can never place; Ray Train would otherwise wait
+    for them forever. Call it right after `connect`, before datasets or runs are made."""
+    capacity = capacity or cluster_capacity()
+    if capacity is None:
+        return
+    scaling = config.scaling
+    per_worker = {"CPU": scaling.cpus_per_worker, **({"GPU": 1.0} if scaling.use_gpu else {})}
+    have = _describe(capacity)
+    if scaling.use_gpu and not capacity.total("GPU"):
+        raise ClusterTooSmall(
+            f"scaling.use_gpu=true but {capacity.source} has no GPUs ({have}); set "
+            "scaling.use_gpu=false or connect to a cluster with GPU nodes (ray.address)")
+    workers, fits = scaling.num_workers, capacity.workers_that_fit(per_worker)
+    if workers > fits:
+        need = " + ".join(f"{amount:g} {name}" for name, amount in per_worker.items())
+        raise ClusterTooSmall(
+            f"scaling.num_workers={workers} workers of {need} each (scaling.cpus_per_worker"
+            f"{', scaling.use_gpu' if scaling.use_gpu else ''}) do not fit {capacity.source}: "
+            f"it can place at most {fits:g} ({have}); lower scaling.num_workers or "
+            "scaling.cpus_per_worker, or add nodes")
+    if scaling.placement_strategy == "STRICT_SPREAD":
+        nodes = capacity.nodes_that_fit(per_worker)
+        if workers > nodes:
+            raise ClusterTooSmall(
+                f"scaling.placement_strategy=STRICT_SPREAD puts each of the {workers} workers "
+                f"on its own node, but {capacity.source} has {nodes:g} node(s) that can hold "
+                "one; set scaling.placement_strategy=PACK or SPREAD, or lower "
+                "scaling.num_workers")
+
+
+def _describe(capacity: Capacity) -> str:
+    parts = []
+    for name in ("CPU", "GPU"):
+        total = capacity.total(name)
+        parts.append(f"{'unbounded' if total == math.inf else f'{total:g}'} {name}")
+    count = sum(math.inf if n is None else n for _, n in capacity.nodes)
+    nodes = "unbounded" if count == math.inf else f"{count:g}"
+    return f"{', '.join(parts)} on {nodes} node(s)"

@@ -181,7 +181,46 @@ def _get_version(client: MlflowClient, model_name: str, version: int | str):
     try:
         return client.get_model_version(model_name, str(version))
     except MlflowException:
-        raise RegistryError(f"model {model_name!r} has no version {version}") from None
+        raise RegistryError(_missing_version(client, model_name, version)) from None
+
+
+def _registered_model(client: MlflowClient, model_name: str):
+    """The registered model, or RegistryError naming the models that do exist."""
+    try:
+        return client.get_registered_model(model_name)
+    except MlflowException:
+        try:
+            names = [m.name for m in client.search_registered_models(max_results=20)]
+        except MlflowException:
+            names = []
+        raise RegistryError(f"no registered model {model_name!r}; registered: "
+                            f"{', '.join(names) or 'none'} (register one with "
+                            "`unclip pipeline --only register`)") from None
+
+
+def _missing_version(client: MlflowClient, model_name: str, version: int | str) -> str:
+    _registered_model(client, model_name)  # an unknown model is its own message
+    try:
+        versions = sorted(int(v.version) for v in
+                          client.search_model_versions(f"name = '{model_name}'"))
+    except MlflowException:
+        versions = []
+    have = ", ".join(map(str, versions[:20])) + (", ..." if len(versions) > 20 else "")
+    return (f"model {model_name!r} has no version {version} (it has: {have or 'none'}); "
+            f"see `unclip models list {model_name}`")
+
+
+def _version_by_alias(client: MlflowClient, model_name: str, alias: str):
+    """The version an alias points at, or RegistryError naming the aliases that are set."""
+    registered = _registered_model(client, model_name)
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        aliases = ", ".join(sorted(registered.aliases or {})) or "none"
+        raise RegistryError(
+            f"models:/{model_name}@{alias}: alias {alias!r} is not set on model "
+            f"{model_name!r} (set: {aliases}); use one of those, models:/{model_name}/VERSION, "
+            f"or set it with `unclip models promote {model_name} VERSION` (champion)") from None
 
 
 def _champion(client: MlflowClient, model_name: str):
@@ -240,12 +279,7 @@ def promote(model_name: str, version: int | str, *, tracking_uri: str | None = N
 def list_versions(model_name: str, *, tracking_uri: str | None = None) -> list[dict]:
     """Every version, oldest first, with its aliases, metric tags and creation time."""
     client = _connect(tracking_uri)
-    try:
-        registered = client.get_registered_model(model_name)
-    except MlflowException:
-        names = [m.name for m in client.search_registered_models(max_results=20)]
-        raise RegistryError(f"no registered model {model_name!r}; registered: "
-                            f"{', '.join(names) or 'none'}") from None
+    registered = _registered_model(client, model_name)
     aliases: dict[str, list[str]] = {}
     for alias, version in (registered.aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)
@@ -277,14 +311,9 @@ def resolve_model_uri(uri: str, *, tracking_uri: str | None = None,
                       dst_dir: str | Path | None = None) -> Path:
     """`models:/NAME@alias`, `models:/NAME/VERSION`, `runs:/ID/path` or a local directory
     -> a local directory `UnCLIPPipeline.load` accepts (downloaded when remote)."""
-    local = Path(uri).expanduser()
+    check_model_uri(uri, tracking_uri=tracking_uri)  # a clear line before any download
     if "://" not in uri and not uri.startswith(("models:", "runs:")):
-        if not local.is_dir():
-            raise RegistryError(f"{uri}: no such model directory (or use models:/NAME@alias)")
-        found = pipeline_dir_in(local.absolute())
-        if found is None:
-            raise RegistryError(f"{uri}: neither a saved pipeline nor an MLflow pyfunc model")
-        return found
+        return pipeline_dir_in(Path(uri).expanduser().absolute())
     client = _connect(tracking_uri)
     target = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="unclip-model-"))
     try:
@@ -310,10 +339,25 @@ def model_version(client: MlflowClient, model_uri: str) -> tuple[str, str] | Non
     name = match.group("name")
     if match.group("version"):
         return name, match.group("version")
-    try:
-        return name, str(client.get_model_version_by_alias(name, match.group("alias")).version)
-    except MlflowException as exc:
-        raise RegistryError(f"{model_uri}: {str(exc).strip().splitlines()[0]}") from None
+    return name, str(_version_by_alias(client, name, match.group("alias")).version)
+
+
+def check_model_uri(uri: str, *, tracking_uri: str | None = None) -> None:
+    """Fail fast, in one RegistryError line, on a model URI that cannot load: a missing local
+    directory, or a registered model, version or alias that does not exist. Downloads nothing."""
+    if "://" not in uri and not uri.startswith(("models:", "runs:")):
+        local = Path(uri).expanduser()
+        if not local.is_dir():
+            raise RegistryError(f"{uri}: no such model directory (or use models:/NAME@alias)")
+        if pipeline_dir_in(local.absolute()) is None:
+            raise RegistryError(f"{uri}: neither a saved pipeline nor an MLflow pyfunc model")
+        return
+    if not uri.startswith("models:"):
+        return  # runs:/ and remote artifact URIs are checked by their download
+    client = _connect(tracking_uri)
+    found = model_version(client, uri)
+    if found is not None:  # other forms (models:/NAME/latest) are checked by their download
+        _get_version(client, *found)
 
 
 def apply_tuned_sampling(tags: dict, pipeline_dir: Path) -> dict:

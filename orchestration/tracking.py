@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -17,11 +18,15 @@ from orchestration.config import Config, dump_yaml, flatten
 
 RUN_KEY_TAG = "unclip.run_key"
 PARENT_TAG = "mlflow.parentRunId"
+INTERRUPTED_TAG = "unclip.interrupted"  # set when a killed attempt's run is found RUNNING
+INTERRUPTIONS_TAG = "unclip.interruptions"  # how many times that happened
 MAX_BATCH = 100  # MLflow's limit on params per batch
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri)
+    # the registry lives in the tracking store; without registry_uri the client would use
+    # whatever registry an earlier `mlflow.set_registry_uri` in this process named
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -34,20 +39,42 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 def find_or_create_run(config: Config, *, run_key: str, run_name: str,
-                       parent_run_id: str | None = None, tags: dict | None = None) -> str:
-    """The run tagged with `run_key` if it exists (resume), else a new one."""
+                       parent_run_id: str | None = None, tags: dict | None = None,
+                       log=None) -> str:
+    """The run tagged with `run_key` if it exists (resume), else a new one.
+
+    A found run still RUNNING belongs to an attempt whose process died without ending it
+    (SIGKILL, OOM, a lost node: nothing runs in the dying process): it is ended KILLED and
+    tagged as interrupted first, then reopened for this attempt."""
     client = client_for(config.mlflow.tracking_uri)
     exp = experiment_id(client, config.mlflow.experiment)
     found = client.search_runs([exp], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     if found:
         run_id = found[0].info.run_id
+        if found[0].info.status == "RUNNING":
+            end_interrupted(client, found[0])
+            if log:
+                log(f"[mlflow] run {run_id} ({run_key}) was left RUNNING by an attempt that "
+                    "was killed; ended it KILLED before resuming")
         client.update_run(run_id, status="RUNNING")
         return run_id
     all_tags = {RUN_KEY_TAG: run_key, **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     return client.create_run(exp, run_name=run_name, tags=all_tags).info.run_id
+
+
+def end_interrupted(client: MlflowClient, run) -> None:
+    """End a run its dead process left RUNNING: KILLED, with tags saying when it was found
+    and how many attempts have been interrupted so far."""
+    count = int(run.data.tags.get(INTERRUPTIONS_TAG, "0") or 0) + 1
+    found_at = datetime.now(UTC).isoformat(timespec="seconds")
+    set_tags(client, run.info.run_id, {
+        INTERRUPTED_TAG: f"an attempt was killed without ending this run; found RUNNING "
+                         f"and ended KILLED at {found_at} by the next attempt",
+        INTERRUPTIONS_TAG: count})
+    client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def log_config(client: MlflowClient, run_id: str, config: Config) -> None:

@@ -50,15 +50,17 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
     hooks of `WorkerSpec` (fault injection, the sample log).
     """
     from data_pipelines.streaming import bad_record_budget
-    from orchestration.data_check import ensure_dataset
-    from orchestration.ray_runtime import connect
+    from orchestration.data_check import check_batch_fits, ensure_dataset
+    from orchestration.ray_runtime import check_cluster_fits, connect
 
     task = task_class(stage)(config)
     connect(config)
+    check_cluster_fits(config)  # Ray Train would otherwise wait forever for its workers
     manifest = ensure_dataset(config, log=log)
     for upstream in task.requires:
         require_stage(config, upstream, f"{stage} training")
     train_samples = task.train_samples(manifest)
+    check_batch_fits(config, stage, train_samples)
     budget = (bad_record_budget(config.data.max_skip_fraction)
               if task.dataset_kind == "images" else contextlib.nullcontext())
     with budget as counter:

@@ -37,6 +37,11 @@ def test_overrides_are_typed():
     (["data.shapes.held_out=[[pink, hexagon]]"], "unknown pair (pink, hexagon)"),
     (["clip"], "expected key=value"),
     (["clip.steps.x=1"], "'steps' is a value"),
+    (["scaling.num_workers=0"], "scaling.num_workers: Input should be greater than or equal to 1 "
+                                "(got 0); fix it in the file or with --set scaling.num_workers"),
+    (["clip.steps=ten"], "clip.steps: Input should be a valid integer"),
+    (["clip.batch_size=1"], "clip.batch_size: CLIP's contrastive loss needs at least 2 "
+                            "image-text pairs per step over all workers"),
 ])
 def test_bad_config_is_one_clear_line(overrides, expected):
     with pytest.raises(ConfigError) as info:
@@ -124,6 +129,8 @@ def test_stage_sections_are_checked_by_their_tasks():
     cases = {
         "clip.preset=nope": "clip: unknown clip preset 'nope'",
         "prior.preset=nope": "prior: unknown prior preset 'nope'",
+        "decoder.preset=nope": "decoder: unknown decoder preset 'nope'; known: [",
+        "prior.overrides={bogus: 1}": "prior: unknown prior override key 'bogus'; valid keys:",
         "decoder.overrides={bogus: 1}": "decoder: unknown decoder override key 'bogus'",
         "clip.overrides={bogus: 1}": "clip: unknown CLIP override 'bogus'",
         "sampling.decoder_steps=101": "decoder: sampling.decoder_steps 101 exceeds the "

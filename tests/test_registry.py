@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import requests
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -207,8 +208,14 @@ def test_promotion_gate_and_explicit_promote(registry, pipeline_dir):
     promote(name, worse, tracking_uri=registry.uri)  # explicit: ignores the metrics
     champion = client.get_model_version_by_alias(name, CHAMPION)
     assert str(champion.version) == str(worse) and champion.tags["promotion"] == "explicit"
-    with pytest.raises(RegistryError, match="no version 99"):
+    with pytest.raises(RegistryError) as missing:
         promote(name, 99, tracking_uri=registry.uri)
+    assert str(missing.value) == (f"model '{name}' has no version 99 (it has: 1, 2, 3, 4); see "
+                                  f"`unclip models list {name}`")
+    with pytest.raises(RegistryError, match=r"^no registered model 'nope'; registered: .*"
+                                            r"unclip-gate.* \(register one with `unclip "
+                                            r"pipeline --only register`\)$"):
+        promote("nope", 1, tracking_uri=registry.uri)
 
     rows = list_versions(name, tracking_uri=registry.uri)
     assert [r["version"] for r in rows] == [1, 2, 3, 4]
@@ -234,8 +241,29 @@ def test_resolve_model_uri_forms(registry, pipeline_dir, tmp_path):
         resolve_model_uri(str(tmp_path / "missing"))
     with pytest.raises(RegistryError, match="neither a saved pipeline"):
         resolve_model_uri(str(tmp_path))
-    with pytest.raises(RegistryError, match=f"models:/{MODEL}@nope"):
+    with pytest.raises(RegistryError) as unset:
         resolve_model_uri(f"models:/{MODEL}@nope", tracking_uri=registry.uri)
+    assert str(unset.value) == (
+        f"models:/{MODEL}@nope: alias 'nope' is not set on model '{MODEL}' (set: candidate, "
+        f"champion); use one of those, models:/{MODEL}/VERSION, or set it with `unclip models "
+        f"promote {MODEL} VERSION` (champion)")
+    with pytest.raises(RegistryError, match=rf"^model '{MODEL}' has no version 7 \(it has: 1\)"):
+        resolve_model_uri(f"models:/{MODEL}/7", tracking_uri=registry.uri)
+
+
+def test_serving_a_missing_alias_fails_before_serve_starts(registry, monkeypatch):
+    from orchestration import serving
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a model that does not exist")
+
+    monkeypatch.setattr(serving, "connect", no_ray)
+    with pytest.raises(RegistryError, match=rf"^models:/{MODEL}@staging: alias 'staging' is "
+                                            "not set"):
+        serving.run_server(f"models:/{MODEL}@staging", tracking_uri=registry.uri,
+                           blocking=False)
+    with pytest.raises(RegistryError, match="^no registered model 'nope'"):
+        serving.run_server("models:/nope@champion", tracking_uri=registry.uri, blocking=False)
 
 
 def test_pyfunc_generates_pngs_deterministically(registry):
@@ -258,6 +286,10 @@ def test_pyfunc_generates_pngs_deterministically(registry):
         model.predict(prompts, params={"num_images": 9})
     with pytest.raises(Exception, match="sampler: must be one of ddpm, ddim"):
         model.predict(prompts, params={"sampler": "euler"})
+    with pytest.raises(MlflowException, match=r"^prompt: between 1 and 32 prompts per call "
+                                              r"\(got 33\)$") as too_many:
+        model.predict(pd.DataFrame({"prompt": ["a red circle"] * 33}), params=FAST)
+    assert too_many.value.error_code == "INVALID_PARAMETER_VALUE"  # what serving answers 400
 
 
 def test_cli_pieces_list_promote_and_generate(registry, pipeline_dir, tmp_path):
@@ -363,8 +395,23 @@ def test_mlflow_models_serve_answers_invocations(registry, tmp_path):
         rows = response.json()["predictions"]
         assert [row["image_index"] for row in rows] == [0, 1]
         assert decode_png(rows[0]["png_base64"]).size == (IMAGE_SIZE, IMAGE_SIZE)
-        bad = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
-                            json={**body, "params": {"steps": 5000}})
-        assert bad.status_code >= 400 and "steps: must be between 1 and 1000" in bad.text
+        # A bad request gets the field-named reason Ray Serve gives, as MLflow's own 400 JSON
+        # error (MLflow prefixes "Failed to predict data ..."), not its "unexpected error".
+        bad_requests = [
+            ({**body, "params": {"steps": 5000}}, "steps: must be between 1 and 1000 (got 5000)"),
+            ({**body, "params": {"steps": 21}}, "steps: at most 20 for this model, whose decoder "
+                                                "has 20 timesteps (got 21)"),
+            ({"dataframe_records": [{"prompt": ""}]}, "prompt: must be a non-empty string"),
+            ({"dataframe_records": [{"prompt": "x" * 201}]},
+             "prompt: at most 200 characters (got 201)"),
+        ]
+        for request, reason in bad_requests:
+            bad = requests.post(f"http://127.0.0.1:{port}/invocations", json=request,
+                                timeout=60)
+            assert bad.status_code == 400, bad.text
+            error = bad.json()
+            assert error["error_code"] == "INVALID_PARAMETER_VALUE"
+            assert error["message"].endswith(f"Error: {reason}"), error["message"]
+            assert "unexpected error" not in bad.text and "Traceback" not in bad.text
     finally:
         stop_process(proc)

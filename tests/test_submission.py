@@ -380,3 +380,82 @@ def test_submit_follow_and_inspect_a_job_on_a_separate_cluster(ray_head, s3_buck
     with pytest.raises(SubmissionError, match="rejected the Ray auth token") as err:
         list_jobs(address)
     assert "\n" not in str(err.value)
+
+
+def _leaked(secrets_by_name: dict[str, str], data: str | bytes) -> list[str]:
+    """Names of the secrets whose values occur in `data`."""
+    raw = data.encode() if isinstance(data, str) else data
+    return [name for name, value in secrets_by_name.items() if value.encode() in raw]
+
+
+@pytest.mark.slow
+def test_job_secrets_stay_out_of_logs_mlflow_artifacts_and_job_record(ray_head, tmp_path,
+                                                                     monkeypatch):
+    """A training job whose environment holds every kind of secret (forwarded, so the job's
+    processes really have them) writes none of them to its logs, the MLflow store (params,
+    tags, metric keys, every artifact file), its checkpoints or its job record outside the
+    runtime_env env_vars that --forward-secrets puts there, with a warning."""
+    import io
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.submission import SECRET_ENV, job_logs
+
+    marker = uuid.uuid4().hex
+    fakes = {name: f"fake-{name.lower().replace('_', '-')}-{marker}" for name in SECRET_ENV}
+    for name in PASSTHROUGH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in fakes.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
+    secrets_by_name = {**fakes, "RAY_AUTH_TOKEN": ray_head.token}
+
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # The experiment tiny.yaml names, with its artifacts here (MLflow's default would be
+    # ./mlruns inside the job's temporary working_dir copy).
+    MlflowClient(tracking_uri).create_experiment("unclip-tiny",
+                                                 artifact_location=str(tmp_path / "artifacts"))
+    overrides = [f"data.uri={tmp_path}/data", "data.shapes.train_size=64",
+                 "data.shapes.test_size=16", "data.shapes.samples_per_shard=32",
+                 f"storage_root={tmp_path}/runs", f"mlflow.tracking_uri={tracking_uri}",
+                 "run_name=secrets", "clip.steps=2", "clip.batch_size=8", "clip.log_every=1",
+                 "clip.checkpoint_every=2", "scaling.torch_threads=1"]
+    start = time.monotonic()
+    result = CliRunner().invoke(_cli(), [
+        "submit", "--address", ray_head.address, "--config", "configs/tiny.yaml",
+        "--forward-secrets", "--", "train", "clip",
+        *[arg for item in overrides for arg in ("--set", item)]])
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.strip().splitlines()[-1]
+    status = wait_for_job(ray_head.address, job_id, timeout_s=600)
+    logs = job_logs(ray_head.address, job_id, out=io.StringIO())
+    assert str(status) == "SUCCEEDED", logs[-3000:]
+    print(f"training job {job_id} finished in {time.monotonic() - start:.0f}s")
+    assert logs.strip()
+    assert _leaked(secrets_by_name, result.output) == []
+    assert _leaked(secrets_by_name, logs) == []
+
+    # The MLflow store: every param (key and value), tag, metric key and run name ...
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("unclip-tiny").experiment_id])
+    assert runs and runs[0].data.metrics and runs[0].data.params
+    for run in runs:
+        fields = [run.info.run_name, *run.data.params, *run.data.params.values(),
+                  *run.data.tags, *run.data.tags.values(), *run.data.metrics]
+        assert _leaked(secrets_by_name, "\n".join(map(str, fields))) == [], run.info.run_id
+    # ... the database file itself, every artifact file and everything under storage_root.
+    files = [tmp_path / "mlflow.db", *(p for folder in ("artifacts", "runs")
+                                        for p in (tmp_path / folder).rglob("*") if p.is_file())]
+    assert any(p.name == "resolved.yaml" for p in files)  # the logged config artifact
+    assert any("checkpoint" in str(p) for p in files)
+    for path in files:
+        assert _leaked(secrets_by_name, path.read_bytes()) == [], path
+
+    # The job record holds the forwarded values only in runtime_env.env_vars (what
+    # --forward-secrets is documented to do); nowhere else: entrypoint, metadata, message.
+    record = job_status(ray_head.address, job_id)
+    assert record.runtime_env["env_vars"].keys() >= set(fakes)
+    rest = record.model_dump() if hasattr(record, "model_dump") else record.dict()
+    rest["runtime_env"] = {k: v for k, v in rest["runtime_env"].items() if k != "env_vars"}
+    assert _leaked(secrets_by_name, repr(rest)) == []
+    assert _leaked({"RAY_AUTH_TOKEN": ray_head.token}, repr(record)) == []

@@ -27,7 +27,7 @@ from data_pipelines.storage import is_s3_uri, resolve
 from orchestration.config import Config, ConfigError, dump_yaml
 from orchestration.data_check import ensure_dataset
 from orchestration.layout import DONE_FILE, portable_uri, stage_done
-from orchestration.ray_runtime import connect
+from orchestration.ray_runtime import check_cluster_fits, connect
 from orchestration.stages import UnknownStage, task_class
 from orchestration.tracking import (
     client_for,
@@ -240,6 +240,7 @@ def run_lr_sweep(config: Config, *, stage: str, num_samples: int,
                  grace_period: int = 1, reduction_factor: int = 2, log=print) -> SweepResult:
     """Sweep learning rate and warm-up (plus `extra_space`) for one stage."""
     connect(config)
+    check_cluster_fits(config)
     _check_inputs(config, stage, log)
     space = {**default_space(stage), **(extra_space or {})}
     check_space(config, space)
