@@ -47,12 +47,22 @@ class BadRecordCounter:
         return {"seen": self.seen, "bad": self.bad, "reasons": self.reasons}
 
 
+def new_counter(max_fraction: float):
+    """A BadRecordCounter beside the driver (whose node outlives any worker node); restarted
+    (its counts from zero) if even that node goes, so data tasks never hold a dead handle."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return BadRecordCounter.options(scheduling_strategy=here, max_restarts=-1,
+                                    max_task_retries=-1).remote(max_fraction)
+
+
 @contextlib.contextmanager
 def bad_record_budget(max_fraction: float):
     """One BadRecordCounter shared by the datasets built inside (e.g. every epoch of a run),
     killed on exit: tasks keep the handle they were given, so it would otherwise live as long
     as the driver does."""
-    counter = BadRecordCounter.remote(max_fraction)
+    counter = new_counter(max_fraction)
     try:
         yield counter
     finally:
@@ -198,7 +208,7 @@ def image_caption_dataset(uri: str, split: str, settings: PreprocessSettings, *,
     else:
         dataset = ray.data.read_parquet(paths, filesystem=filesystem,
                                         columns=["key", "image", "caption"])
-    counter = counter or BadRecordCounter.remote(max_skip_fraction)
+    counter = counter or new_counter(max_skip_fraction)
     return dataset.map_batches(
         preprocess_batch,
         batch_size=128,
