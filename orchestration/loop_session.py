@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -51,12 +52,14 @@ class RaySession:
         """The latest checkpoint's folder, or None on a fresh start."""
         import ray.train
 
+        from data_pipelines.storage import retry_misfiled_transient
+
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             yield None
             return
-        with checkpoint.as_directory() as directory:
-            yield directory
+        with tempfile.TemporaryDirectory() as directory:  # downloaded with S3 retries
+            yield retry_misfiled_transient(lambda: checkpoint.to_directory(directory))
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         import ray.train

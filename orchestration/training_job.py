@@ -12,12 +12,19 @@ import contextlib
 import functools
 import json
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipelines.shards import manifest_hash
-from data_pipelines.storage import StorageError, is_s3_uri, resolve, s3_filesystem
+from data_pipelines.storage import (
+    StorageError,
+    is_s3_uri,
+    resolve,
+    retry_misfiled_transient,
+    s3_filesystem,
+)
 from orchestration.config import Config
 from orchestration.layout import DONE_FILE, PORTABLE_DIR, portable_uri, require_stage, stage_uri
 from orchestration.stages import task_class
@@ -207,7 +214,8 @@ def export_final(config: Config, stage: str, checkpoint, metrics: dict) -> None:
         raise RuntimeError(f"{stage}: training finished without a checkpoint")
     target = resolve(portable_uri(config, stage))
     target.join(DONE_FILE).delete()
-    with checkpoint.as_directory() as directory:
+    with tempfile.TemporaryDirectory() as directory:
+        retry_misfiled_transient(lambda: checkpoint.to_directory(directory))
         for name in ("config.json", "weights.safetensors"):
             target.join(name).write_bytes((Path(directory) / PORTABLE_DIR / name).read_bytes())
     done = {"step": metrics.get("step"), "val_loss": metrics.get("val_loss"),

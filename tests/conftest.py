@@ -104,3 +104,20 @@ def run_cli(capsys, monkeypatch):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def faulty_s3_endpoint(s3_endpoint, monkeypatch):
+    """The test S3 endpoint behind a fault-injecting proxy (`s3_fault_proxy.S3FaultProxy`:
+    10% of requests get 500 InternalError / 503 SlowDown / a dropped connection, 10% are
+    delayed; seeded). AWS_ENDPOINT_URL_S3 points at the proxy for the test, so storage built
+    in this process goes through it; yields the proxy (`.url`, `.counts()`, `.injected()`).
+
+    Ray workers of `ray_session` keep the direct endpoint in their environment: only
+    filesystem objects made here and shipped to them (Ray Data reads and writes) go through
+    the proxy."""
+    from s3_fault_proxy import S3FaultProxy
+
+    with S3FaultProxy(s3_endpoint, fault_rate=0.1, latency_rate=0.1, seed=42) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        yield proxy
