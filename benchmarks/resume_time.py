@@ -12,11 +12,14 @@ shapes shards (local folder), one worker, interleaved repeats; medians reported.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
 import tempfile
 import time
+
+SETTLE_S = 5.0
 
 
 def first_batch_seconds(stream, position, batch: int, discard: int = 0) -> float:
@@ -26,7 +29,11 @@ def first_batch_seconds(stream, position, batch: int, discard: int = 0) -> float
     for index, _ in enumerate(batches):
         if index >= discard:
             break
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    del batches  # the abandoned stream's tasks finish before the next measure starts
+    gc.collect()
+    time.sleep(SETTLE_S)
+    return seconds
 
 
 def main() -> None:
@@ -35,6 +42,8 @@ def main() -> None:
     parser.add_argument("--shard", type=int, default=250)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=128,
+                        help="rendered size; decoded and resized to 64 (decode cost matters)")
     args = parser.parse_args()
 
     import ray
@@ -51,8 +60,10 @@ def main() -> None:
     ray.init(num_cpus=2, log_to_driver=False)
     configure_ray_data()
     build_shapes(f"{work}/shapes", ShapesSettings(train_size=args.train_size, test_size=64,
-                                                  samples_per_shard=args.shard))
-    config = load_config("tiny", [f"data.uri={work}/shapes", f"clip.batch_size={args.batch}"])
+                                                  samples_per_shard=args.shard,
+                                                  image_size=args.image_size))
+    config = load_config("tiny", [f"data.uri={work}/shapes", f"clip.batch_size={args.batch}",
+                                  "data.preprocess.image_size=64"])
     windows = -(-args.train_size // args.shard // config.data.shuffle_window_shards)
     per_window = args.shard * config.data.shuffle_window_shards
     # steps done before the "crash": early = 10 steps in; late = the start of the last window
@@ -61,8 +72,8 @@ def main() -> None:
     with bad_record_budget(0.01) as counter:
         stream = ClipTask(config).datasets(counter)["train"]
         first_batch_seconds(stream, Position(), args.batch)  # warm-up: imports, worker pool
-        for _ in range(args.repeats):
-            for name, steps in points.items():
+        for repeat in range(args.repeats):  # interleaved, order alternating per repeat
+            for name, steps in sorted(points.items(), reverse=bool(repeat % 2)):
                 consumed = steps * args.batch
                 position = Position(0, consumed // per_window, consumed % per_window)
                 times.setdefault(f"{name}_position", []).append(
@@ -73,7 +84,8 @@ def main() -> None:
     print(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
         f"{__import__('os').cpu_count()} cores", "train_size": args.train_size,
-        "shard": args.shard, "window_shards": config.data.shuffle_window_shards,
+        "shard": args.shard, "image_size": args.image_size,
+        "window_shards": config.data.shuffle_window_shards,
         "batch": args.batch, "steps_done": points, "repeats": args.repeats,
         "median_seconds_to_first_batch": medians,
         "late_over_early_position": round(medians["late_position"]

@@ -34,6 +34,8 @@ ShardKind = Literal["webdataset", "parquet", "embeddings"]
 WINDOW_COLUMN, ROW_COLUMN = "_window", "_row"  # where each sample sits in its rank's plan
 BLOCK_ROWS = 256  # a window leaves its reader in blocks this size, each decoded by a task
 READ_CPUS = 0.5
+READ_BLOCK_BYTES = 1 << 20
+WINDOWS_AHEAD = 1
 
 
 class DataLayoutChanged(RuntimeError):
@@ -104,9 +106,12 @@ def rank_dataset(plan: StreamPlan, rank: int, start: Position, *, counter=None):
     if not items:
         return ray.data.from_items([]).limit(0)
     # reading asks for less CPU than decoding, so Ray Data does not fuse the two into one task
-    # per window: a window's blocks are decoded by parallel tasks, in order
+    # per window: a window's blocks are decoded by parallel tasks, in order. Reading at most
+    # WINDOWS_AHEAD windows at once keeps the first batch from waiting behind later windows
+    # (with 2 at once, the first batch of a 2-window epoch came 3x later on 2 cores).
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_window, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+        concurrency=WINDOWS_AHEAD,
         fn_kwargs={"plan": plan, "epoch": start.epoch, "rank": rank, "counter": counter})
 
 
@@ -213,4 +218,7 @@ class TrainStream:
                 "epoch": start.epoch, "counter": self.counter, "count_seen": False})
         dataset = dataset.select_columns(["key", *self.columns, WINDOW_COLUMN, ROW_COLUMN])
         dataset.context.execution_options.preserve_order = True  # the plan's order, exactly
+        # small blocks: Ray Data would merge a window's output into one block, decoded by one
+        # task, and the first batch of an epoch would wait for the whole window
+        dataset.context.target_max_block_size = READ_BLOCK_BYTES
         return dataset

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,17 @@ def connect(config: Config | None = None) -> None:
     configure_ray_data()
     if ray.is_initialized():
         return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        _init(config)
+    finally:
+        # ray.init replaces a SIGTERM handler the CLI set (the one that ends MLflow runs
+        # KILLED) with its own, plus a native one that aborts the process 3 s later
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init(config: Config | None) -> None:
     address = (config.ray.address if config else None) or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)

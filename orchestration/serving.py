@@ -25,7 +25,9 @@ import io
 import json
 import logging
 import random
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,12 +307,14 @@ def run_server(model_uri: str, *, tracking_uri: str | None = None, host: str = "
 
     The model URI is checked first (an unknown model, version or alias is one RegistryError
     line, before Ray or Serve start). Connects to Ray first if nothing has (RAY_ADDRESS or a
-    local instance). With blocking, serves until Ctrl-C and then shuts Serve down.
+    local instance). With blocking, serves until Ctrl-C or SIGTERM and then shuts Serve down.
     """
     from orchestration.registry import check_model_uri
 
     check_model_uri(model_uri, tracking_uri=tracking_uri)
     connect()  # no-op when already connected
+    if blocking:
+        exit_on_sigterm()
     serve.start(http_options={"host": host, "port": port,
                               "request_timeout_s": request_timeout_s + PROXY_TIMEOUT_MARGIN_S})
     serve.run(build_app(model_uri, tracking_uri=tracking_uri, num_replicas=num_replicas,
@@ -322,8 +326,26 @@ def run_server(model_uri: str, *, tracking_uri: str | None = None, host: str = "
     return url
 
 
+def _raise_exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # 143, as the CLI's own handler does
+
+
+def exit_on_sigterm() -> None:
+    """From now on SIGTERM unwinds like Ctrl-C (SystemExit(143)), so `finally` stops Serve and
+    the exit handlers stop a local Ray instance.
+
+    Call it after connecting to Ray: `ray.init` replaces the CLI's handler, and Ray's core
+    worker adds a native one that prints a stack and arms an abort 3 s later (abseil's
+    failure-signal alarm). That abort used to kill the process with signal 6 in the middle of
+    its shutdown, leaving the local instance's dashboard and agents running. A Python handler
+    set afterwards replaces both. Only the main thread can set handlers; elsewhere a no-op."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_exit)
+
+
 def serve_until_stopped() -> None:
-    """Block until Ctrl-C or SIGTERM (the CLI turns it into SystemExit), then stop Serve."""
+    """Block until Ctrl-C or SIGTERM (SystemExit(143)), then stop Serve."""
+    exit_on_sigterm()
     try:
         while True:
             time.sleep(1.0)

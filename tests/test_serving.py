@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
@@ -328,3 +333,74 @@ def test_local_ray_keeps_its_dashboard_on_loopback(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray_runtime.connect()
     assert calls[0]["address"] == "local" and calls[0]["dashboard_host"] == "127.0.0.1"
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:  # is_running also compares the start time, so a reused pid does not count
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _session(sid: int) -> set[psutil.Process]:
+    found = set()
+    for process in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):  # gone meanwhile
+            if os.getsid(process.pid) == sid:
+                found.add(process)
+    return found
+
+
+def _describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {' '.join(process.cmdline())[:150]}"
+    except psutil.Error:
+        return f"{process.pid} (gone)"
+
+
+@pytest.mark.slow
+def test_serve_stops_cleanly_on_sigterm(tmp_path):
+    """`unclip serve` with its own local Ray, sent SIGTERM (as `kill` or a process manager
+    does): it exits 143 within seconds, with no abort (signal 6) nor traceback, and leaves no
+    Ray process behind: no GCS, raylet, dashboard or agent outlives it."""
+    model, port, log = save_tiny_pipeline(tmp_path / "pipeline"), free_port(), tmp_path / "log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.cli", "serve", "--model", str(model),
+         "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+        cwd=tmp_path, start_new_session=True)  # own session: what it leaves is findable
+    ray_processes: set[psutil.Process] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no /health answer after 120 s"
+            with contextlib.suppress(requests.RequestException):  # not up, or no replica yet
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            time.sleep(0.25)
+        ray_processes = set(psutil.Process(proc.pid).children(recursive=True))
+        names = " ".join(map(_describe, ray_processes))
+        assert all(name in names for name in ("gcs_server", "raylet", "dashboard.py")), names
+
+        os.kill(proc.pid, signal.SIGTERM)  # the main process only, not its group
+        returncode = proc.wait(timeout=60)
+        output = log.read_text()
+        assert returncode == 128 + signal.SIGTERM, (returncode, output[-3000:])
+        for crash in ("Traceback", "Aborted", "core dumped", "SIGTERM received"):
+            assert crash not in output, output[-3000:]
+
+        def left() -> list[psutil.Process]:
+            return [p for p in ray_processes | _session(proc.pid) if _alive(p)]
+
+        grace = time.monotonic() + 10  # ray.shutdown signals its processes, then returns
+        while left() and time.monotonic() < grace:
+            time.sleep(0.5)
+        assert not left(), "\n".join(map(_describe, left()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for process in ray_processes | _session(proc.pid):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        proc.wait(timeout=10)
