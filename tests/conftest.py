@@ -7,32 +7,12 @@ exactly the way they would inherit a real cluster's AWS settings.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
-
-TEST_KEY_ID = "testing-key-id"
-TEST_SECRET = "testing-secret-value-do-not-log"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+from loopback import TEST_KEY_ID, TEST_SECRET, free_port, wait_for_port
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import TEST_KEY_ID, TEST_SECRET, free_port
+from loopback import TEST_KEY_ID, TEST_SECRET, free_port
 from s3_fault_proxy import S3FaultProxy
 
 from data_pipelines.settings import PreprocessSettings, ShapesSettings
