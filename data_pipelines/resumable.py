@@ -111,7 +111,7 @@ def rank_dataset(plan: StreamPlan, rank: int, start: Position, *, counter=None):
     # (with 2 at once, the first batch of a 2-window epoch came 3x later on 2 cores).
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_window, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-        concurrency=WINDOWS_AHEAD,
+        compute=ray.data.TaskPoolStrategy(size=WINDOWS_AHEAD),
         fn_kwargs={"plan": plan, "epoch": start.epoch, "rank": rank, "counter": counter})
 
 

@@ -13,6 +13,8 @@ import warnings
 _QUIETER = {
     "ray.train.v2._internal.execution.storage": logging.WARNING,  # "Checkpoint created at"
     "ray.data._internal.progress": logging.ERROR,  # "Progress bars disabled" (we log our own)
+    # "Dataset ... execution finished": each worker opens a stream per epoch
+    "ray.data._internal.execution.streaming_executor": logging.WARNING,
     "torch.utils.cpp_extension": logging.ERROR,  # "No CUDA runtime" while loading CPU ops
 }
 
