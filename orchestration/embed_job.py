@@ -13,6 +13,7 @@ embeds again.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -21,7 +22,7 @@ import ray
 import torch
 
 from data_pipelines.progress import polled_progress
-from data_pipelines.shards import manifest_hash
+from data_pipelines.shards import manifest_hash, read_manifest
 from data_pipelines.storage import StorageError, resolve
 from data_pipelines.streaming import bad_record_budget, image_caption_dataset
 from models.clip_model import encode_text_with_tokens
@@ -97,7 +98,12 @@ def _embed_split(config: Config, split: str, out, clip_uri: str, counter, log) -
                                "with_tokens": config.data.embed_token_encodings,
                                "use_gpu": config.scaling.use_gpu},
         compute=_actor_pool(config), num_gpus=1 if config.scaling.use_gpu else 0)
-    embedded.write_parquet(target.path, filesystem=target.filesystem)
+    # about as many embedding shards as image shards: each training worker reads whole
+    # shards, so the prior can run on as many workers as the image stages
+    image_split = read_manifest(config.data.uri).splits[split]
+    per_file = max(1, math.ceil(image_split.num_samples / max(1, len(image_split.shards))))
+    embedded.write_parquet(target.path, filesystem=target.filesystem,
+                           max_rows_per_file=per_file)
     files = [p for p in target.list_files() if p.endswith(".parquet")]
     rows = sum(pq.ParquetFile(target.filesystem.open_input_file(p)).metadata.num_rows
                for p in files)

@@ -88,6 +88,20 @@ def gathered_for_update(params: list[nn.Parameter], zero_stage: int):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
+def clamp_parameter_(param: nn.Parameter, low: float, high: float, zero_stage: int) -> None:
+    """Clamp a parameter in place, in the model and, under ZeRO 1-3, in the optimizer's fp32
+    master copy too: the next step copies the master over the model's value, so clamping
+    the model alone would not hold. Every rank must call it (ZeRO-3 gathers)."""
+    with gathered_for_update([param], zero_stage), torch.no_grad():
+        param.clamp_(low, high)
+    if zero_stage > 0:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            safe_set_full_fp32_param(param, master.clamp(low, high))
+
+
 class EMA:
     """Exponential moving average of the weights (Zbinden 2022, sec. 4.2.3), kept in fp32
     on every rank.

@@ -203,8 +203,9 @@ class TrainLoop:
         self._record_keys(keys)
         if self.state.step == self.fail_at_step:
             self._inject_fault()
-        self.ema.update(self.engine.module.model, self.state.step)
+        # the hook first: the average takes the weights as the step left them (e.g. clamped)
         self.task.after_step(self.engine.module.model, zero_stage=self.zero_stage)
+        self.ema.update(self.engine.module.model, self.state.step)
 
     def _all_ranks_have(self, has_batch: bool) -> bool:
         if self.session.world_size == 1:

@@ -118,6 +118,36 @@ def test_resume_refuses_a_changed_data_layout_and_carries_a_new_batch_size(tmp_p
     assert logged[3] + logged[4] == [f"train-{i}" for i in order[16:24]]
 
 
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_clip_temperature_clamp_holds_at_every_zero_stage(tmp_path, data, zero_stage):
+    """The logit scale is pushed past log(100) through the engine's own parameters; after
+    one optimizer step the clamp has written log(100) back, partitioned or not."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    from orchestration.engine_setup import gathered_for_update
+    from orchestration.train_loop import TrainLoop
+
+    config = fast_config(tmp_path, "clip.steps=1", "clip.batch_size=8", "clip.log_every=1",
+                         f"deepspeed.zero_stage={zero_stage}")
+    spec = WorkerSpec(config=config, task=task_class("clip"), run_id=None,
+                      train_samples=len(data["train"]["key"]))
+    init_single_process_group()
+    loop = TrainLoop(spec, LocalSession(data, tmp_path / "ckpt"))
+    model = loop.engine.module.model
+    with gathered_for_update([model.logit_scale], zero_stage), torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+    if zero_stage:  # ... and in ZeRO's fp32 master copy, which the next step copies back
+        safe_set_full_fp32_param(model.logit_scale, torch.tensor(math.log(1000.0)))
+    loop.run()
+    with gathered_for_update([model.logit_scale], zero_stage):
+        assert model.logit_scale.item() == pytest.approx(math.log(100.0))
+    if zero_stage:
+        master = safe_get_full_fp32_param(model.logit_scale)
+        assert master.item() == pytest.approx(math.log(100.0))
+    _, exported = load_portable(str(loop.session.checkpoints[-1] / "portable"))
+    assert exported.logit_scale.item() <= math.log(100.0) + 1e-6  # the EMA saw it clamped
+
+
 @pytest.mark.parametrize("stage", ["decoder"])
 def test_loop_trains_a_stage_that_needs_clip(tmp_path, data, stage):
     config = fast_config(tmp_path, f"{stage}.steps=2", f"{stage}.batch_size=4",

@@ -197,8 +197,8 @@ def test_guidance_sweep_logs_metrics_plot_and_tags_model_version(tmp_path):
 
     config = load_config("tiny", [
         f"data.uri={tmp_path}/shapes", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        "data.shapes.train_size=32", "data.shapes.test_size=16",
-        "data.shapes.samples_per_shard=16", "eval.num_captions=8"])
+        f"storage_root={tmp_path}/runs", "data.shapes.train_size=32",
+        "data.shapes.test_size=16", "data.shapes.samples_per_shard=16", "eval.num_captions=8"])
     save_small_pipeline(tmp_path / "pipeline")
     version = register_pipeline(
         tmp_path / "pipeline", tracking_uri=config.mlflow.tracking_uri, model_name="tiny-guid",
@@ -209,6 +209,10 @@ def test_guidance_sweep_logs_metrics_plot_and_tags_model_version(tmp_path):
                                 decoder_scales=[1.0, 2.0, 3.0], objective="fd_clip:min")
     scales = [row["decoder_guidance"] for row in result["results"]]
     assert scales == [1.0, 2.0, 3.0]
+    # one Ray Tune trial per scale, each with its result and checkpointed images
+    trials = sorted((tmp_path / "runs").glob("*-guidance-*/*/result.json"))
+    assert len(trials) == 3
+    assert len(list((tmp_path / "runs").glob("*-guidance-*/*/checkpoint_*/images.npy"))) == 3
     fds = [row["fd_clip"] for row in result["results"]]
     assert all(math.isfinite(v) for v in fds) and result["best"]["fd_clip"] == min(fds)
 

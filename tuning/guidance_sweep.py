@@ -1,9 +1,10 @@
-"""Guidance-scale sweep: sampling-time only, scored in the pipeline's own CLIP space.
+"""Guidance-scale sweep as a Ray Tune experiment, scored in the pipeline's own CLIP space.
 
-Each (decoder scale, prior scale) pair generates images for the same held-out captions with
-the same seed, as one Ray task (generation is the cost; scoring is cheap and done here). The
-objective picks the best pair, which is logged to MLflow and, for a registered model, set as
-version tags (`best_decoder_guidance`, `best_prior_guidance`) that loaders can default to.
+Each (decoder scale, prior scale) pair is one Tune trial (a grid search): it generates images
+for the same held-out captions with the same seed, scores them, and reports the metrics with
+the images in its checkpoint. The objective picks the best pair from Tune's results, which is
+logged to MLflow and, for a registered model, set as version tags (`best_decoder_guidance`,
+`best_prior_guidance`) that loaders can default to.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from ray import tune
 
 from models.metrics import image_set_metrics
 from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
@@ -42,6 +43,7 @@ from tuning.report import guidance_plot, trial_table_csv, trial_table_markdown
 BEST_DECODER_TAG, BEST_PRIOR_TAG = TUNED_SAMPLING_TAGS  # the registry applies them on load
 SWEEP_RUN_TAG = "guidance_sweep.run_id"
 GRID_CAPTIONS = 8  # images per scale in the side-by-side grid
+IMAGES_FILE = "images.npy"
 
 
 def parse_scales(text: str | None, *, option: str) -> list[float]:
@@ -63,20 +65,29 @@ def pipeline_files(directory: Path) -> dict[str, bytes]:
             for p in directory.rglob("*") if p.is_file()}
 
 
-@ray.remote(num_cpus=1)
-def generate_at_scale(files: dict[str, bytes], captions: list[str], *, decoder_guidance: float,
-                      prior_guidance: float, images_per_caption: int, seed: int,
-                      sampler: str | None, steps: int | None) -> np.ndarray:
-    """uint8 images [len(captions) * images_per_caption, H, W, 3] at one pair of scales."""
+def load_from_files(files: dict[str, bytes]) -> UnCLIPPipeline:
     with tempfile.TemporaryDirectory(prefix="unclip-guidance-") as tmp:
         for name, data in files.items():
             (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
             (Path(tmp) / name).write_bytes(data)
-        pipeline = UnCLIPPipeline.load(tmp)
+        return UnCLIPPipeline.load(tmp)
+
+
+def guidance_trial(params: dict, *, files: dict[str, bytes], captions: list[str],
+                   real_emb: np.ndarray, text_emb: np.ndarray, images_per_caption: int,
+                   seed: int, sampler: str | None, steps: int | None) -> None:
+    """One Tune trial: generate at one pair of scales, score, report metrics; the uint8
+    images [len(captions) * images_per_caption, H, W, 3] go in the trial's checkpoint."""
+    torch.set_num_threads(1)  # one CPU per trial: no oversubscription between trials
+    pipeline = load_from_files(files)
     images = pipeline.generate(captions, num_images_per_prompt=images_per_caption, seed=seed,
-                               prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
-                               sampler=sampler, steps=steps)
-    return images.numpy()
+                               prior_guidance=params["prior_guidance"],
+                               decoder_guidance=params["decoder_guidance"],
+                               sampler=sampler, steps=steps).numpy()
+    metrics = clip_space_metrics(pipeline, real_emb, text_emb, images)
+    with tempfile.TemporaryDirectory() as directory:
+        np.save(Path(directory) / IMAGES_FILE, images)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
 @torch.no_grad()
@@ -126,19 +137,16 @@ def run_guidance_sweep(model_uri: str, *, config: Config, decoder_scales: list[f
         real_emb = pipeline.clip.encode_image(torch.tensor(rows["image"]),
                                               normalize=True).numpy()
         text_emb = torch.nn.functional.normalize(pipeline.encode_text(captions)[0], dim=-1)
-    files = ray.put(pipeline_files(directory))
     log(f"[guidance] {len(pairs)} scale pairs x {len(captions) * per_caption} images "
-        f"({model_uri})")
-    futures = [generate_at_scale.remote(files, captions, decoder_guidance=d, prior_guidance=p,
-                                        images_per_caption=per_caption, seed=config.seed,
-                                        sampler=sampler, steps=steps) for d, p in pairs]
-    generated = ray.get(futures)
-    results = []
-    for (d, p), images in zip(pairs, generated, strict=True):
-        metrics = clip_space_metrics(pipeline, real_emb, text_emb.numpy(), images)
-        results.append({"decoder_guidance": d, "prior_guidance": p, **metrics})
-        log(f"[guidance] decoder {d:g} prior {p:g}: "
-            + " ".join(f"{k}={metrics[k]:.4g}" for k in METRICS))
+        f"({model_uri}), one Ray Tune trial each")
+    trainable = tune.with_parameters(
+        guidance_trial, files=pipeline_files(directory), captions=captions, real_emb=real_emb,
+        text_emb=text_emb.numpy(), images_per_caption=per_caption, seed=config.seed,
+        sampler=sampler, steps=steps)
+    results, generated = _run_trials(config, trainable, decoder_scales, priors)
+    for row in results:
+        log(f"[guidance] decoder {row['decoder_guidance']:g} prior "
+            f"{row['prior_guidance']:g}: " + " ".join(f"{k}={row[k]:.4g}" for k in METRICS))
     best_index, satisfied = goal.pick(results)
     best = results[best_index]
 
@@ -169,6 +177,34 @@ def run_guidance_sweep(model_uri: str, *, config: Config, decoder_scales: list[f
             "objective_satisfied": satisfied, "results": results, "best": best,
             "model_version": {"name": version[0], "version": version[1]} if version else None,
             "sampling": dataclasses.asdict(pipeline.sampling)}
+
+
+def _run_trials(config: Config, trainable, decoder_scales: list[float],
+                priors: list[float]) -> tuple[list[dict], list[np.ndarray]]:
+    """A grid-search Tune experiment over the pairs; (rows, images), ordered by (prior,
+    decoder) scale whatever order the trials finished in."""
+    from tuning.lr_sweep import _tune_storage
+
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}),
+        param_space={"decoder_guidance": tune.grid_search(decoder_scales),
+                     "prior_guidance": tune.grid_search(priors)},
+        run_config=tune.RunConfig(name=f"{config.run_name}-guidance-{uuid.uuid4().hex[:8]}",
+                                  verbose=0, **_tune_storage(config)))
+    grid = tuner.fit()
+    failed = [result.error for result in grid if result.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} guidance trial(s) failed; first: {failed[0]}")
+    ordered = sorted(grid, key=lambda r: (r.config["prior_guidance"],
+                                          r.config["decoder_guidance"]))
+    rows, images = [], []
+    for result in ordered:
+        rows.append({"decoder_guidance": result.config["decoder_guidance"],
+                     "prior_guidance": result.config["prior_guidance"],
+                     **{key: result.metrics[key] for key in METRICS}})
+        with result.checkpoint.as_directory() as directory:
+            images.append(np.load(Path(directory) / IMAGES_FILE))
+    return rows, images
 
 
 def _log_sweep(client, config: Config, sweep_id: str, model_uri: str, results: list[dict],

@@ -10,16 +10,16 @@ import torch
 from torch import nn
 
 from models.clip_model import (
+    MAX_LOGIT_SCALE,
     ClipContrastiveLoss,
     build_clip,
-    clamp_logit_scale_,
     clip_from_config,
     clip_model_config,
     tokenize,
 )
 from models.metrics import zero_shot_topk
 from models.presets import CLIP_PRESETS
-from orchestration.engine_setup import gathered_for_update
+from orchestration.engine_setup import clamp_parameter_
 from orchestration.tasks.base import EvalResult, Task, to_tensor
 
 
@@ -66,9 +66,8 @@ class ClipTask(Task):
 
     def after_step(self, model: nn.Module, *, zero_stage: int) -> None:
         # as open_clip's loop does: keep the temperature at or above 1/100 (Radford et al.
-        # 2021, sec. 2.5); under ZeRO-3 the clamped value is written back to its partition
-        with gathered_for_update([model.logit_scale], zero_stage):
-            clamp_logit_scale_(model)
+        # 2021, sec. 2.5), in the model and in ZeRO's fp32 master copy
+        clamp_parameter_(model.logit_scale, 0.0, MAX_LOGIT_SCALE, zero_stage)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[dict]) -> EvalResult:
