@@ -63,6 +63,8 @@ def test_all_stages_on_s3_with_zero_2_and_3(tmp_path, s3_bucket):
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
         Bucket=s3_bucket[5:], Prefix="runs/s3run/clip/")["Contents"]]
     assert any("checkpoint_" in k and k.endswith("mp_rank_00_model_states.pt") for k in keys)
+    shards = optimizer_shards(keys)  # ZeRO-2: each rank saved only its own, once
+    assert shards and all(files == RANK_SHARDS for files in shards)
 
     manifest = run_embed(config)
     assert manifest["splits"] == {
@@ -76,6 +78,11 @@ def test_all_stages_on_s3_with_zero_2_and_3(tmp_path, s3_bucket):
     assert prior_losses[-1] < prior_losses[0]
     assert "val/generated_vs_image" in MlflowClient(tracking).get_run(prior.run_id).data.metrics
 
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
+        Bucket=s3_bucket[5:], Prefix="runs/s3run/prior/")["Contents"]]
+    shards = optimizer_shards(keys)  # ZeRO-3 likewise
+    assert shards and all(files == RANK_SHARDS for files in shards)
+
     decoder = run_stage(zero3, "decoder")
     decoder_losses = _history(tracking, decoder.run_id, "loss")
     assert decoder_losses[-1] < decoder_losses[0]
@@ -83,6 +90,20 @@ def test_all_stages_on_s3_with_zero_2_and_3(tmp_path, s3_bucket):
     assert samples and all(p.endswith(".png") for p in samples)
     component, module = load_portable(portable_uri(config, "decoder"))
     assert component == "decoder" and sum(p.numel() for p in module.parameters()) > 0
+
+
+RANK_SHARDS = [f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)]
+
+
+def optimizer_shards(keys: list[str]) -> list[list[str]]:
+    """Per kept checkpoint, the optimizer-state files in it (sorted)."""
+    by_checkpoint: dict[str, list[str]] = {}
+    for key in keys:
+        parts = key.split("/")
+        checkpoint = next((p for p in parts if p.startswith("checkpoint_")), None)
+        if checkpoint and parts[-1].endswith("optim_states.pt"):
+            by_checkpoint.setdefault(checkpoint, []).append(parts[-1])
+    return [sorted(files) for _, files in sorted(by_checkpoint.items())]
 
 
 @pytest.mark.usefixtures("ray_session")
