@@ -107,8 +107,7 @@ def rank_dataset(plan: StreamPlan, rank: int, start: Position, *, counter=None):
         return ray.data.from_items([]).limit(0)
     # reading asks for less CPU than decoding, so Ray Data does not fuse the two into one task
     # per window: a window's blocks are decoded by parallel tasks, in order. Reading at most
-    # WINDOWS_AHEAD windows at once keeps the first batch from waiting behind later windows
-    # (with 2 at once, the first batch of a 2-window epoch came 3x later on 2 cores).
+    # WINDOWS_AHEAD windows at once keeps the first batch from waiting behind later windows.
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_window, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
         compute=ray.data.TaskPoolStrategy(size=WINDOWS_AHEAD),
@@ -175,7 +174,7 @@ def _read_shard(uri: str, kind: ShardKind):
             rows.append(_webdataset_row(key, members))
     except (tarfile.TarError, OSError, EOFError) as exc:  # truncated: keep what came before
         reason = f"{uri}: truncated or corrupt tar after {len(rows)} samples ({exc})"
-    return pa.Table.from_pylist(rows, schema=_WEBDATASET_SCHEMA()), reason
+    return pa.Table.from_pylist(rows, schema=_webdataset_schema()), reason
 
 
 def _webdataset_row(key: str, members: dict) -> dict:
@@ -187,7 +186,7 @@ def _webdataset_row(key: str, members: dict) -> dict:
             "caption": caption.decode("utf-8", "replace") if caption is not None else None}
 
 
-def _WEBDATASET_SCHEMA():
+def _webdataset_schema():
     import pyarrow as pa
 
     return pa.schema([("key", pa.string()), ("image", pa.binary()), ("caption", pa.string())])

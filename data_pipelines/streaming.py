@@ -192,17 +192,15 @@ def shard_uris(uri: str, split: str) -> tuple[object, list[str], str]:
 
 def image_caption_dataset(uri: str, split: str, settings: PreprocessSettings, *,
                           train: bool = True, seed: int = 0, epoch: int = 0,
-                          max_skip_fraction: float = 0.01, shuffle_files: bool = False,
-                          counter=None) -> ray.data.Dataset:
+                          max_skip_fraction: float = 0.01, counter=None) -> ray.data.Dataset:
     """Preprocessed rows {key, caption, image [3,H,W] float32, tokens [L] int64}.
 
     Unreadable records are dropped and counted; past `max_skip_fraction` the read fails.
     Long-lived drivers pass a `counter` from `bad_record_budget` (its fraction then applies).
+    Training reads its train split through `data_pipelines.resumable` instead; this reads a
+    split whole, in manifest order (test splits, the embedding job).
     """
     filesystem, paths, fmt = shard_uris(uri, split)
-    if shuffle_files:  # a seeded permutation per epoch keeps the order reproducible
-        order = np.random.default_rng([seed, epoch]).permutation(len(paths))
-        paths = [paths[i] for i in order]
     if fmt == "webdataset":
         dataset = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None)
     else:

@@ -94,10 +94,16 @@ def test_tarwriter_shards_indexed_elsewhere_and_streamed_in_place(tarwriter_shar
         "b0": "banana 0", "b1": "banana 1", "b2": "blue banana", "c0": "cherry 0",
         "c1": "cherry 1", "d0": "date 0", "d1": "date 1"}
     assert streamed(str(out), "test") == {"a0": "apple 0", "a1": "apple 1", "a2": "apple 2"}
-    # a training epoch's stream (seeded shard order, augmentation) repeats exactly: what
-    # resuming by skipping the consumed batches relies on
-    epochs = [image_caption_dataset(str(out), "train", SETTINGS, seed=3, epoch=1,
-                                    shuffle_files=True).take_all() for _ in range(2)]
+    # a training epoch's stream over the indexed shards (seeded shard order and window
+    # shuffle, augmentation) repeats exactly: what resuming at a saved position relies on
+    from data_pipelines.resumable import Position, StreamPlan, TrainStream
+    from data_pipelines.shards import shard_location
+
+    shards = tuple(shard_location(resolve(str(out)), name).uri
+                   for name in read_manifest(str(out)).splits["train"].shards)
+    stream = TrainStream(StreamPlan(shards, "webdataset", "indexed", 3, 1, 8, 1.0),
+                         ("image",), SETTINGS)
+    epochs = [stream.dataset(0, Position(epoch=1)).take_all() for _ in range(2)]
     assert [r["key"] for r in epochs[0]] == [r["key"] for r in epochs[1]]
     assert all((a["image"] == b["image"]).all() for a, b in zip(*epochs, strict=True))
     other_seed, _ = index_shards(str(src), str(tmp_path / "seed1"), test_shards=1, seed=1)
