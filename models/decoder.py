@@ -52,6 +52,7 @@ class DecoderConfig:
     schedule: str = "cosine"
     mean_type: ModelMeanType = ModelMeanType.EPSILON
     var_type: ModelVarType = ModelVarType.FIXED_SMALL  # LEARNED_RANGE trains with the hybrid loss
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023); None: off
     cond_drop_mode: CondDropMode = CondDropMode.JOINT
     cond_drop_prob: float = 0.2
     image_drop_prob: float = 0.1
@@ -90,7 +91,7 @@ class UnCLIPDecoder(nn.Module):
         self.diffusion = GaussianDiffusion(
             betas=beta_schedule(config.schedule, config.num_timesteps),
             model_mean_type=config.mean_type, model_var_type=config.var_type,
-            loss_type=LossType.HYBRID if learned else LossType.MSE)
+            loss_type=LossType.HYBRID if learned else LossType.MSE, snr_gamma=config.snr_gamma)
 
     @property
     def config(self) -> dict:

@@ -133,7 +133,7 @@ class GaussianDiffusion:
 
     def __init__(self, *, betas: torch.Tensor, model_mean_type: ModelMeanType,
                  model_var_type: ModelVarType, loss_type: LossType,
-                 timestep_map: list[int] | None = None):
+                 timestep_map: list[int] | None = None, snr_gamma: float | None = None):
         self.model_mean_type = ModelMeanType(model_mean_type)
         self.model_var_type = ModelVarType(model_var_type)
         self.loss_type = LossType(loss_type)
@@ -146,6 +146,9 @@ class GaussianDiffusion:
         betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")
         if betas.dim() != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive (Hang et al. use 5), not {snr_gamma}")
+        self.snr_gamma = snr_gamma
         self.betas = betas
         self.num_timesteps = len(betas)
         # Respaced chains call the network with the original timesteps it was trained on.
@@ -284,11 +287,21 @@ class GaussianDiffusion:
                                      - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0),
         }[self.model_mean_type]
         terms["mse"] = _mean_flat((output[:, :channels] - target) ** 2)
-        terms["loss"] = terms["mse"]
+        terms["loss"] = terms["mse"] * self._loss_weight(t, x0) if self.snr_gamma else terms["mse"]
         if self.loss_type is LossType.HYBRID:
             # L_vlb sums T per-step terms; lambda = 1/1000 on that sum gives this weight per step.
             terms["loss"] = terms["mse"] + terms["vb"] * (self.num_timesteps / 1000.0)
         return terms
+
+    def _loss_weight(self, t, x0) -> torch.Tensor:
+        """Min-SNR-gamma weighting (Hang et al. 2023, sec. 3.4): every parameterisation's MSE
+        reweighted to min(SNR_t, gamma) times the x_0 error, so the low-noise steps, whose
+        targets are easy, stop dominating the gradient."""
+        abar = self.alphas_cumprod.to(t.device)[t].float()
+        snr = abar / (1.0 - abar)
+        clipped = snr.clamp(max=self.snr_gamma)
+        return {ModelMeanType.EPSILON: clipped / snr, ModelMeanType.VELOCITY: clipped / (snr + 1),
+                ModelMeanType.START_X: clipped}[self.model_mean_type]
 
     def _vb_bits_per_dim(self, output, x0, x_t, t) -> torch.Tensor:
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, x_t, t)

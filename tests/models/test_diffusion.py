@@ -211,3 +211,30 @@ def test_hybrid_loss_has_vb_term_and_trains_variance():
     with pytest.raises(ValueError):
         GaussianDiffusion(betas=beta_schedule("cosine", 10), model_mean_type="epsilon",
                           model_var_type="learned_range", loss_type="mse")
+
+
+def test_min_snr_weighting_gives_every_parameterisation_the_same_x0_loss():
+    """With min-SNR-gamma, one x_0 error costs min(SNR_t, gamma) * |x0_hat - x0|^2 whichever
+    quantity the network predicts (Hang et al. 2023, sec. 3.4)."""
+    x0, noise = torch.randn(5, 2), torch.randn(5, 2)
+    x0_hat = x0 + 0.3 * torch.randn(5, 2)
+    t = torch.tensor([0, 3, 10, 30, 49])
+    losses = {}
+    for mean_type in ModelMeanType:
+        diffusion = GaussianDiffusion(betas=beta_schedule("cosine", 50), model_mean_type=mean_type,
+                                      model_var_type=ModelVarType.FIXED_SMALL,
+                                      loss_type=LossType.MSE, snr_gamma=5.0)
+        x_t = diffusion.q_sample(x0, t, noise)
+        ab = diffusion.alphas_cumprod[t].float()[:, None]
+        eps_hat = (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+        output = {ModelMeanType.EPSILON: eps_hat, ModelMeanType.START_X: x0_hat,
+                  ModelMeanType.VELOCITY: ab.sqrt() * eps_hat - (1 - ab).sqrt() * x0_hat}[mean_type]
+        losses[mean_type] = diffusion.training_losses(lambda x, s, out=output: out, x0, t,
+                                                      noise=noise)["loss"]
+    ab = make_diffusion().alphas_cumprod[t].float()
+    expected = (ab / (1 - ab)).clamp(max=5.0) * ((x0_hat - x0) ** 2).mean(dim=1)
+    for loss in losses.values():
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="snr_gamma must be positive"):
+        GaussianDiffusion(betas=beta_schedule("cosine", 50), model_mean_type="epsilon",
+                          model_var_type="fixed_small", loss_type="mse", snr_gamma=0)
