@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -199,3 +200,42 @@ def build_shapes(out: str, settings: ShapesSettings, *, fmt: ShardFormat = "webd
     )
     root.join(MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
+
+
+_PHRASE = re.compile(rf"a (?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) "
+                     rf"(?P<shape>{'|'.join(SHAPES)})")
+ATTRIBUTES = ("colour", "shape", "colour_shape")
+
+
+def caption_objects(caption: str) -> list[dict] | None:
+    """The (size, colour, shape) phrases of a shapes caption with their spans, or None when
+    the caption does not follow the dataset's grammar (a user's own caption)."""
+    phrases = [dict(m.groupdict(), span=m.span()) for m in _PHRASE.finditer(caption)]
+    return phrases or None
+
+
+def attribute_variants(caption: str, attribute: str) -> list[list[str]]:
+    """For each object of `caption`: the caption itself first, then every version with that
+    object's `attribute` ("colour", "shape" or "colour_shape" together) set to another value.
+    An evaluator that ranks the first one highest has recognised the attribute."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; use one of {', '.join(ATTRIBUTES)}")
+    colours = COLOURS if "colour" in attribute else (None,)
+    shapes = SHAPES if "shape" in attribute else (None,)
+    variants = []
+    for obj in caption_objects(caption) or []:
+        start, end = obj["span"]
+        options = [caption]
+        for colour in colours:
+            for shape in shapes:
+                phrase = f"a {obj['size']} {colour or obj['colour']} {shape or obj['shape']}"
+                if phrase != caption[start:end]:
+                    options.append(caption[:start] + phrase + caption[end:])
+        variants.append(options)
+    return variants
+
+
+def held_out_pair_in(caption: str, held_out) -> bool:
+    """Whether any object of `caption` is a (colour, shape) pair held out of training."""
+    pairs = {tuple(p) for p in held_out}
+    return any((o["colour"], o["shape"]) in pairs for o in caption_objects(caption) or [])

@@ -21,6 +21,7 @@ from orchestration.config import Config, ConfigError, load_config
 from orchestration.jobs_cli import register as register_job_commands
 from orchestration.registry_cli import generate, models_app, serve
 from orchestration.stages import STAGES
+from orchestration.threads import with_torch_threads
 from tuning.cli import tune_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -29,7 +30,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Build, import and inspect dat
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models", help="Registered models: list versions, promote.")
 app.add_typer(tune_app, name="tune")
-app.command("generate")(generate)
+app.command("generate")(with_torch_threads(generate))  # threads: the CPUs it holds
 app.command("serve")(serve)
 register_job_commands(app)
 
@@ -270,6 +271,30 @@ def pipeline(
     echo(f"pipeline took {summary['seconds']:.0f}s. Browse runs and models with:\n"
          f"  mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}   # then open "
          "http://127.0.0.1:5000")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option(
+        help="models:/NAME@alias, models:/NAME/VERSION, runs:/ID/path or a pipeline folder "
+             "(e.g. release/shapes)")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[str | None, typer.Option(
+        help="Folder for metrics.json, evaluation.json and grids (default: "
+             "outputs/eval-<model>)")] = None,
+) -> None:
+    """Score any model on the config's held-out split with its reference evaluator, exactly
+    as the pipeline's eval stage does; prints each metric with its 95% interval."""
+    cfg = _config(config, set_)
+    from orchestration.evaluation import evaluate_model, format_report
+
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model).strip("-")
+    out_dir = Path(out) if out else Path("outputs") / f"eval-{slug}"
+    report = evaluate_model(model, cfg, out_dir, log=echo)
+    typer.echo(format_report(report))
+    echo(f"metrics: {out_dir / 'metrics.json'}; per-caption scores: "
+         f"{out_dir / 'evaluation.json'}; grids: {out_dir}")
 
 
 def _scalars(metrics: dict) -> dict:

@@ -124,9 +124,27 @@ class SamplingConfig(Strict):
     num_candidates: int = Field(2, ge=1)  # best-of-N prior samples (Luo 2023, algorithm 5)
 
 
+class EvaluatorConfig(Strict):
+    # "auto": a CLIP trained once for the dataset (keyed by its manifest hash) and reused;
+    # otherwise a folder or s3:// prefix of portable CLIP weights (e.g. release/shapes/evaluator)
+    uri: str = "auto"
+    # how "auto" trains it: bigger and longer than a demo's CLIP, so it judges, not guesses
+    clip: StageConfig = StageConfig(
+        preset="shapes-paper", batch_size=128, steps=3000, checkpoint_every=500,
+        optim=OptimConfig(lr=5e-4, weight_decay=0.1, warmup_fraction=0.02))
+
+
+GATE_METRICS = ("clip_score", "r_precision", "attr_colour_shape")
+
+
 class EvalConfig(Strict):
     num_captions: int = Field(32, ge=2)
     images_per_caption: int = Field(1, ge=1)
+    evaluator: EvaluatorConfig = EvaluatorConfig()
+    r_precision_candidates: int = Field(32, ge=2)  # own caption + 31 others (Park et al. 2021)
+    # the per-caption score the paired promotion gate compares (higher is better)
+    gate_metric: Literal["clip_score", "r_precision", "attr_colour_shape"] = "clip_score"
+    bootstrap_reps: int = Field(1000, ge=100)
     grid_prompts: list[str] = [
         "a large red circle",
         "a small blue square",
@@ -139,8 +157,6 @@ class MlflowConfig(Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "unclip"
     registered_model: str = "unclip-shapes"
-    promote_metric: str = "eval/fd_clip"
-    promote_direction: Literal["minimize", "maximize"] = "minimize"
 
 
 class Config(Strict):

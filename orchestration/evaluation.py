@@ -1,31 +1,72 @@
 """Stage `eval`: assemble the text-to-image pipeline and score it on held-out captions.
 
-Features come from our own trained CLIP image encoder (no Inception weights exist offline):
-CLIP-space Fréchet distance and KID, precision/recall/F1 (k-NN manifolds), CLIP score,
-plus the prior's cosine table on the test embeddings and nearest-neighbour novelty.
+Every score comes from the dataset's reference evaluator (`orchestration.evaluator`), never
+from the model under test: Frechet distance on principal components and KID in its feature
+space, precision/recall/F1, CLIP score, R-precision and, on structured (shapes) captions,
+per-attribute accuracy, each with a 95% bootstrap interval. The per-caption scores are kept,
+so the promotion gate can compare two models caption by caption. The prior's cosine table
+(Luo 2023, table 4.2) stays in the model's own CLIP space, where the prior works.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data_pipelines.shapes import ATTRIBUTES, attribute_variants, held_out_pair_in
 from data_pipelines.streaming import image_caption_dataset
 from models.metrics import (
-    clip_score,
+    bootstrap_interval,
     image_set_metrics,
     nearest_neighbour_novelty,
     prior_cosines,
+    r_precision_hits,
+    ranks_true_first,
 )
 from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
 from orchestration.config import Config
+from orchestration.evaluator import Evaluator
 from orchestration.layout import portable_uri
 from orchestration.stages import STAGES
 from orchestration.tasks.base import load_portable
+
+
+@dataclass
+class EvalReport:
+    """What one evaluation produced: metrics (with `_lo`/`_hi` intervals), one score per
+    caption for each per-caption metric, and what makes two reports comparable."""
+
+    metrics: dict[str, float]
+    per_caption: dict[str, list[float]]
+    captions_sha: str
+    seed: int
+    evaluator: str
+
+    def comparable_with(self, other: EvalReport) -> str | None:
+        """None, or why the two cannot be compared caption by caption."""
+        if self.evaluator != other.evaluator:
+            return f"different evaluators ({self.evaluator} vs {other.evaluator})"
+        if (self.captions_sha, self.seed) != (other.captions_sha, other.seed):
+            return "different captions or seeds"
+        return None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> EvalReport:
+        return cls(**json.loads(text))
+
+
+def captions_digest(captions: list[str], images_per_caption: int) -> str:
+    text = json.dumps([captions, images_per_caption])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def assemble_pipeline(config: Config) -> UnCLIPPipeline:
@@ -56,40 +97,131 @@ def _train_rows(config: Config, count: int) -> dict:
     return dataset.limit(count).take_batch(count, batch_format="numpy")
 
 
+def _with_interval(name: str, values: np.ndarray, reps: int, seed: int) -> dict[str, float]:
+    low, high = bootstrap_interval(values, reps=reps, seed=seed)
+    return {name: float(np.mean(values)), f"{name}_lo": low, f"{name}_hi": high}
+
+
+class CaptionScorer:
+    """Scores images against captions with one evaluator; caches caption features."""
+
+    def __init__(self, evaluator: Evaluator):
+        self.evaluator = evaluator
+        self._text: dict[str, np.ndarray] = {}
+
+    def text(self, captions: list[str]) -> np.ndarray:
+        missing = sorted({c for c in captions if c not in self._text})
+        if missing:
+            self._text.update(zip(missing, self.evaluator.text_features(missing), strict=True))
+        return np.stack([self._text[c] for c in captions])
+
+    def r_precision(self, image_feats, captions: list[str], candidates: int,
+                    seed: int) -> np.ndarray:
+        distinct = sorted(set(captions))
+        index = {c: i for i, c in enumerate(distinct)}
+        return r_precision_hits(image_feats, self.text(distinct), [index[c] for c in captions],
+                                candidates=candidates, seed=seed).astype(float)
+
+    def attribute(self, image_feats, captions: list[str], attribute: str) -> np.ndarray | None:
+        """[N] share of each image's objects whose `attribute` the evaluator recognises, or
+        None when some caption is not a structured (shapes) caption."""
+        scores = []
+        for feat, caption in zip(image_feats, captions, strict=True):
+            objects = attribute_variants(caption, attribute)
+            if not objects:
+                return None
+            hits = [ranks_true_first(feat[None], self.text(options)[None])[0]
+                    for options in objects]
+            scores.append(float(np.mean(hits)))
+        return np.asarray(scores)
+
+
+def score_images(scorer: CaptionScorer, *, real_feats: np.ndarray, real_captions: list[str],
+                 fake_feats: np.ndarray, captions: list[str], images_per_caption: int,
+                 config: Config) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(metrics, per-caption scores) of generated images (features grouped by caption) against
+    the held-out images and their captions, all in the evaluator's space."""
+    ev, seed = config.eval, config.seed
+    image_captions = [c for c in captions for _ in range(images_per_caption)]
+    metrics = image_set_metrics(real_feats, fake_feats, scorer.text(captions), seed=seed)
+    per_image = {"clip_score": (fake_feats * scorer.text(image_captions)).sum(axis=1),
+                 "r_precision": scorer.r_precision(fake_feats, image_captions,
+                                                   ev.r_precision_candidates, seed)}
+    metrics.update(_with_interval("r_precision", per_image["r_precision"], ev.bootstrap_reps,
+                                  seed))
+    metrics["r_precision_real"] = float(scorer.r_precision(
+        real_feats, real_captions, ev.r_precision_candidates, seed).mean())
+    held_out = np.array([held_out_pair_in(c, config.data.shapes.held_out)
+                         for c in image_captions])
+    for attribute in ATTRIBUTES:
+        hits = scorer.attribute(fake_feats, image_captions, attribute)
+        if hits is None:
+            continue
+        name = f"attr_{attribute}"
+        per_image[name] = hits
+        metrics.update(_with_interval(name, hits, ev.bootstrap_reps, seed))
+        for subset, mask in (("held_out", held_out), ("seen", ~held_out)):
+            if mask.any():
+                metrics.update(_with_interval(f"{name}_{subset}", hits[mask], ev.bootstrap_reps,
+                                              seed))
+        metrics[f"{name}_real"] = float(scorer.attribute(real_feats, real_captions,
+                                                         attribute).mean())
+    per_caption = {name: values.reshape(len(captions), images_per_caption).mean(axis=1).tolist()
+                   for name, values in per_image.items()}
+    return metrics, per_caption
+
+
 @torch.no_grad()
-def evaluate_pipeline(config: Config, pipeline: UnCLIPPipeline, out_dir: Path,
-                      log=print) -> dict:
-    """Generate for held-out captions, compute metrics, write the grids; returns metrics."""
+def evaluate_pipeline(config: Config, pipeline: UnCLIPPipeline, evaluator: Evaluator,
+                      out_dir: Path, log=print) -> EvalReport:
+    """Generate for held-out captions, score with the reference evaluator, write the grids."""
     start = time.monotonic()
     ev = config.eval
     rows = held_out_rows(config, ev.num_captions)
     captions = [str(c) for c in rows["caption"]]
-    clip = pipeline.clip
     real_images = torch.from_numpy(np.array(rows["image"]))  # Ray blocks are read-only
-    real_emb = clip.encode_image(real_images, normalize=True).numpy()
-    text_emb_raw, encodings = pipeline.encode_text(captions)
-    text_emb = torch.nn.functional.normalize(text_emb_raw, dim=-1).numpy()
+    log(f"[eval] generating {len(captions) * ev.images_per_caption} images for "
+        f"{len(captions)} held-out captions")
     generated = pipeline.generate(captions, num_images_per_prompt=ev.images_per_caption,
                                   seed=config.seed)
     fake = generated.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    fake_emb = clip.encode_image(fake, normalize=True).numpy()
-    metrics = {
-        **image_set_metrics(real_emb, fake_emb, text_emb),
-        "clip_score_real": clip_score(real_emb, text_emb),
-    }
-    prior_emb = pipeline.prior.sample(text_emb=text_emb_raw, text_tokens=encodings,
-                                      generator=torch.Generator().manual_seed(config.seed))
-    metrics.update({f"prior_{k}": v for k, v in prior_cosines(
-        prior_emb.numpy(), text_emb_raw.numpy(), real_emb).items()})
+    scorer = CaptionScorer(evaluator)
+    real_feats = evaluator.image_features(real_images)
+    fake_feats = evaluator.image_features(fake)
+    metrics, per_caption = score_images(
+        scorer, real_feats=real_feats, real_captions=captions, fake_feats=fake_feats,
+        captions=captions, images_per_caption=ev.images_per_caption, config=config)
+    metrics.update(_model_space_metrics(config, pipeline, captions, real_images))
     train = _train_rows(config, 256)
-    train_emb = clip.encode_image(torch.from_numpy(np.array(train["image"])),
-                                  normalize=True).numpy()
-    novelty = nearest_neighbour_novelty(fake_emb, train_emb, k=3)
+    novelty = nearest_neighbour_novelty(
+        fake_feats, evaluator.image_features(torch.from_numpy(np.array(train["image"]))), k=3)
     metrics["nn_train_similarity"] = float(novelty["mean_nearest"])
     metrics["eval_seconds"] = round(time.monotonic() - start, 1)
+    report = EvalReport(metrics=metrics, per_caption=per_caption,
+                        captions_sha=captions_digest(captions, ev.images_per_caption),
+                        seed=config.seed, evaluator=evaluator.identity)
+    _write_outputs(config, pipeline, report, real_images, generated, out_dir)
+    shown = {k: round(v, 4) for k, v in metrics.items() if not k.endswith(("_lo", "_hi"))}
+    log(f"[eval] by {evaluator.identity}: {json.dumps(shown)}")
+    return report
 
+
+def _model_space_metrics(config: Config, pipeline: UnCLIPPipeline, captions: list[str],
+                         real_images: torch.Tensor) -> dict[str, float]:
+    """The prior's cosines in the model's own CLIP space (Luo 2023, table 4.2)."""
+    real_emb = pipeline.clip.encode_image(real_images, normalize=True).numpy()
+    text_emb_raw, encodings = pipeline.encode_text(captions)
+    prior_emb = pipeline.prior.sample(text_emb=text_emb_raw, text_tokens=encodings,
+                                      generator=torch.Generator().manual_seed(config.seed))
+    return {f"prior_{k}": v for k, v in prior_cosines(
+        prior_emb.numpy(), text_emb_raw.numpy(), real_emb).items()}
+
+
+def _write_outputs(config: Config, pipeline: UnCLIPPipeline, report: EvalReport,
+                   real_images: torch.Tensor, generated: torch.Tensor, out_dir: Path) -> None:
+    ev = config.eval
     out_dir.mkdir(parents=True, exist_ok=True)
-    count = min(8, len(captions))
+    count = min(8, len(real_images))
     side = torch.cat([((real_images[:count] + 1) * 127.5).round().byte().permute(0, 2, 3, 1),
                       generated[: count * ev.images_per_caption: ev.images_per_caption]])
     images_to_grid(side, nrow=count).resize(
@@ -99,6 +231,38 @@ def evaluate_pipeline(config: Config, pipeline: UnCLIPPipeline, out_dir: Path,
     images_to_grid(grid, nrow=4).resize((4 * 96, len(prompts) * 96), 0).save(
         out_dir / "samples.png")
     (out_dir / "prompts.json").write_text(json.dumps(prompts, indent=2))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    log(f"[eval] {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")
-    return metrics
+    (out_dir / "metrics.json").write_text(json.dumps(report.metrics, indent=2))
+    (out_dir / "evaluation.json").write_text(report.to_json())
+
+
+def evaluate_model(model_uri: str, config: Config, out_dir: Path, log=print) -> EvalReport:
+    """`unclip eval --model URI`: any model (registered version or alias, run, saved pipeline
+    folder) scored on the config's dataset by the config's reference evaluator, with the same
+    code as the pipeline's eval stage."""
+    import tempfile
+
+    from orchestration.data_check import ensure_dataset
+    from orchestration.evaluator import ensure_evaluator
+    from orchestration.ray_runtime import connect
+    from orchestration.registry import resolve_model_uri
+
+    connect(config)
+    ensure_dataset(config, log=log)
+    evaluator = ensure_evaluator(config, log=log)
+    with tempfile.TemporaryDirectory(prefix="unclip-eval-") as tmp:
+        directory = resolve_model_uri(model_uri, tracking_uri=config.mlflow.tracking_uri,
+                                      dst_dir=Path(tmp) / "model")
+        pipeline = UnCLIPPipeline.load(directory).eval()
+    return evaluate_pipeline(config, pipeline, evaluator, out_dir, log=log)
+
+
+def format_report(report: EvalReport) -> str:
+    """One line per metric: value and, where it has one, its 95% interval."""
+    lines = [f"evaluator: {report.evaluator}"]
+    for name, value in report.metrics.items():
+        if name.endswith(("_lo", "_hi")):
+            continue
+        low, high = report.metrics.get(f"{name}_lo"), report.metrics.get(f"{name}_hi")
+        interval = f"  [{low:.4g}, {high:.4g}]" if low is not None and high is not None else ""
+        lines.append(f"{name:32s} {value:.4g}{interval}")
+    return "\n".join(lines)

@@ -27,7 +27,8 @@ from data_pipelines.storage import Location, StorageError, describe_error, resol
 from orchestration.config import Config
 from orchestration.data_check import ensure_dataset
 from orchestration.embed_job import clip_marker, run_embed
-from orchestration.evaluation import assemble_pipeline, evaluate_pipeline
+from orchestration.evaluation import EvalReport, assemble_pipeline, evaluate_pipeline
+from orchestration.evaluator import ensure_evaluator, evaluator_uri
 from orchestration.layout import (
     DONE_FILE,
     pipeline_step_uri,
@@ -43,6 +44,7 @@ from orchestration.tracking import (
     log_config,
     log_metrics,
     log_png,
+    log_text,
     set_tags,
 )
 from orchestration.training_job import ended_status, run_stage
@@ -101,7 +103,13 @@ def trained_marker(config: Config) -> str:
     return json.dumps(parts)
 
 
-EVAL_FILES = ("metrics.json", "samples.png", "eval_real_vs_generated.png", "prompts.json")
+EVAL_FILES = ("metrics.json", "evaluation.json", "samples.png", "eval_real_vs_generated.png",
+              "prompts.json")
+
+
+def eval_marker(config: Config) -> str:
+    """What an evaluation depends on: the weights and the evaluator that scored them."""
+    return json.dumps([trained_marker(config), evaluator_uri(config)])
 SAVED_PIPELINE = "pipeline"  # the saved pipeline's folder, in storage and in outputs/
 
 
@@ -234,7 +242,7 @@ class PipelineRun:
     def evaluate(self) -> None:
         """Score the assembled pipeline; its metrics, grids and saved folder go to storage
         (<run>/pipeline/eval, DONE.json last) and, for people, to outputs/<run_name>/."""
-        out, marker = self.out, trained_marker(self.config)
+        out, marker = self.out, eval_marker(self.config)
         stored = resolve(pipeline_step_uri(self.config, "eval"))
         self.summary["grid"] = str(out / "samples.png")
         self.rows["eval"].update(output=self.summary["grid"], run_id=self.parent)
@@ -245,10 +253,14 @@ class PipelineRun:
             self.rows["eval"]["metrics"] = _key_metrics(self.metrics)
             return
         stored.join(DONE_FILE).delete()  # first: the outputs below are about to be replaced
+        evaluator = ensure_evaluator(self.config, log=self.log)
         pipeline = assemble_pipeline(self.config)
-        self.metrics = evaluate_pipeline(self.config, pipeline, out, log=self.log)
+        report = evaluate_pipeline(self.config, pipeline, evaluator, out, log=self.log)
+        self.metrics = report.metrics
         log_metrics(self.client, self.parent,
                     {f"eval/{k}": v for k, v in self.metrics.items()}, step=0)
+        set_tags(self.client, self.parent, {"eval.evaluator": report.evaluator})
+        log_text(self.client, self.parent, report.to_json(), "eval/evaluation.json")
         from PIL import Image
 
         for name in ("samples.png", "eval_real_vs_generated.png"):
@@ -294,7 +306,7 @@ SUMMARY_METRICS = ("step", "val_loss", "zero_shot_top1", "generated_vs_image")
 
 
 def _key_metrics(metrics: dict) -> dict:
-    return {k: metrics[k] for k in ("fd_clip", "clip_score", "precision", "recall")
+    return {k: metrics[k] for k in ("fd_clip", "clip_score", "r_precision", "attr_colour_shape")
             if k in metrics}
 
 
@@ -313,10 +325,10 @@ def _refresh_local(stored: Location, out: Path) -> None:
 
 
 def _register(config: Config, parent: str, metrics: dict, log) -> dict:
-    from orchestration.registry import CANDIDATE, find_version, maybe_promote, register_pipeline
+    from orchestration.registry import CANDIDATE, find_version, paired_gate, register_pipeline
 
     stored = resolve(pipeline_step_uri(config, "eval"))
-    if not _marker_matches(stored.join(DONE_FILE), trained_marker(config)):
+    if not _marker_matches(stored.join(DONE_FILE), eval_marker(config)):
         raise StorageError(f"no evaluation of the current weights at {stored.uri}; run the "
                            "eval stage first (`unclip pipeline --only eval`)")
     if not metrics:
@@ -343,13 +355,47 @@ def _register(config: Config, parent: str, metrics: dict, log) -> dict:
                 component_runs=components, dataset_uri=config.data.uri,
                 manifest_hash=manifest_hash(config.data.uri), parent_run_id=parent,
                 weights_marker=marker)
-    promoted, reason = maybe_promote(client, config.mlflow.registered_model, version,
-                                     metric=config.mlflow.promote_metric,
-                                     direction=config.mlflow.promote_direction)
+    report = EvalReport.from_json(stored.join("evaluation.json").read_text())
+    promoted, reason = paired_gate(
+        client, config.mlflow.registered_model, version, metric=config.eval.gate_metric,
+        candidate=report, reps=config.eval.bootstrap_reps,
+        champion_report=lambda champion: champion_report(config, champion, report, log))
+    set_tags(client, parent, {"gate.decision": "promoted" if promoted else "not promoted",
+                              "gate.reason": reason})
     log(f"[register] {config.mlflow.registered_model} version {version}: candidate; "
         f"{'champion' if promoted else 'not promoted'} ({reason})")
     return {"model": config.mlflow.registered_model, "version": version, "champion": promoted,
             "reason": reason}
+
+
+def champion_report(config: Config, version: int | str, candidate: EvalReport,
+                    log) -> EvalReport:
+    """The champion's evaluation on the candidate's captions, seeds and evaluator: the one
+    stored with it when it matches, else a fresh one (same code, same evaluator)."""
+    from orchestration.registry import SOURCE_RUN_TAG, resolve_model_uri
+
+    client = client_for(config.mlflow.tracking_uri)
+    name = config.mlflow.registered_model
+    source = client.get_model_version(name, str(version)).tags.get(SOURCE_RUN_TAG)
+    if source:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(source, "eval/evaluation.json", tmp)
+                stored = EvalReport.from_json(Path(path).read_text())
+                if candidate.comparable_with(stored) is None:
+                    return stored
+            except Exception:  # noqa: BLE001 - an older version without a report: re-score it
+                pass
+    log(f"[register] scoring champion v{version} on the same captions, seeds and evaluator")
+    from models.unclip_pipeline import UnCLIPPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = resolve_model_uri(f"models:/{name}/{version}",
+                                      tracking_uri=config.mlflow.tracking_uri,
+                                      dst_dir=Path(tmp) / "model")
+        pipeline = UnCLIPPipeline.load(directory).eval()
+        return evaluate_pipeline(config, pipeline, ensure_evaluator(config, log=log),
+                                 Path(tmp) / "eval", log=log)
 
 
 def _restore_candidate(client, model_name: str, version: int, alias: str) -> None:

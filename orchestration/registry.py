@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import shutil
 import tempfile
@@ -230,38 +229,61 @@ def _champion(client: MlflowClient, model_name: str):
         return None
 
 
-def _usable(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
+GATE_TAG_PREFIX = "gate."
 
 
-def maybe_promote(client: MlflowClient, model_name: str, version: int | str, *, metric: str,
-                  direction: str) -> tuple[bool, str]:
-    """The gate: `champion` moves to `version` only if it beats the champion on `metric`."""
-    if direction not in ("minimize", "maximize"):
-        raise RegistryError(f"direction {direction!r}: use minimize or maximize")
-    candidate = _get_version(client, model_name, version)
-    value = version_metrics(candidate).get(metric)
-    if not _usable(value):
-        return False, (f"v{version} has no usable {metric}; promote it explicitly with "
-                       f"`unclip models promote {model_name} {version}`")
+def paired_gate(client: MlflowClient, model_name: str, version: int | str, *, metric: str,
+                candidate, champion_report, reps: int = 2000) -> tuple[bool, str]:
+    """The promotion gate: `champion` moves to `version` only when the candidate beats the
+    champion on `metric` beyond the uncertainty.
+
+    `candidate` is the version's evaluation report (`orchestration.evaluation.EvalReport`);
+    `champion_report(champion_version)` returns the champion's on the same captions, seeds and
+    evaluator. The per-caption differences are resampled (paired bootstrap): promotion needs
+    the 95% interval of the mean difference to lie above zero. The decision, the interval and
+    the evaluator go on the version as `gate.*` tags."""
+    from models.metrics import paired_bootstrap
+
+    _get_version(client, model_name, version)
+    if metric not in candidate.per_caption:
+        return _gate_result(client, model_name, version, False, (
+            f"v{version} has no per-caption {metric}; promote it explicitly with "
+            f"`unclip models promote {model_name} {version}`"), {})
     champion = _champion(client, model_name)
     if champion is None:
-        reason = f"v{version} is the first champion ({metric}={value:g})"
-    elif str(champion.version) == str(version):
+        return _gate_result(client, model_name, version, True,
+                            f"v{version} is the first champion", {"evaluator": candidate.evaluator})
+    if str(champion.version) == str(version):
         return False, f"v{version} is already the champion"
-    else:
-        best = version_metrics(champion).get(metric)
-        if not _usable(best):
-            return False, (f"champion v{champion.version} has no usable {metric}; "
-                           "compare by hand and promote explicitly")
-        better = value < best if direction == "minimize" else value > best
-        verdict = "beats" if better else "does not beat"
-        reason = (f"v{version} {metric}={value:g} {verdict} champion v{champion.version} "
-                  f"{metric}={best:g} ({direction})")
-        if not better:
-            return False, reason
-    _set_champion(client, model_name, version, f"gate: {reason}")
-    return True, reason
+    theirs = champion_report(champion.version)
+    why_not = candidate.comparable_with(theirs) if theirs is not None else "no evaluation"
+    if why_not or metric not in theirs.per_caption:
+        return _gate_result(client, model_name, version, False, (
+            f"cannot compare with champion v{champion.version} ({why_not or 'no ' + metric}); "
+            "compare by hand and promote explicitly"), {})
+    stats = paired_bootstrap(candidate.per_caption[metric], theirs.per_caption[metric],
+                             reps=reps)
+    better = stats["low"] > 0
+    reason = (f"v{version} {metric} {stats['difference']:+.4f} vs champion v{champion.version}"
+              f" (95% paired bootstrap interval [{stats['low']:+.4f}, {stats['high']:+.4f}] over "
+              f"{stats['items']} captions, evaluator {candidate.evaluator}): "
+              f"{'better' if better else 'not better'} beyond the uncertainty")
+    return _gate_result(client, model_name, version, better, reason, {
+        "metric": metric, "difference": stats["difference"], "low": stats["low"],
+        "high": stats["high"], "captions": stats["items"], "champion_version": champion.version,
+        "evaluator": candidate.evaluator})
+
+
+def _gate_result(client: MlflowClient, model_name: str, version: int | str, promoted: bool,
+                 reason: str, stats: dict) -> tuple[bool, str]:
+    tags = {GATE_TAG_PREFIX + key: str(value) for key, value in stats.items()}
+    tags[GATE_TAG_PREFIX + "decision"] = "promoted" if promoted else "not promoted"
+    tags[GATE_TAG_PREFIX + "reason"] = reason
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, str(version), key, value)
+    if promoted:
+        _set_champion(client, model_name, version, f"gate: {reason}")
+    return promoted, reason
 
 
 def _set_champion(client: MlflowClient, model_name: str, version: int | str, why: str) -> None:

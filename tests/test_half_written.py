@@ -24,7 +24,7 @@ from data_pipelines.storage import resolve
 from orchestration import pipeline as pipeline_module
 from orchestration.config import load_config
 from orchestration.layout import DONE_FILE, pipeline_step_uri, portable_uri, stage_done
-from orchestration.pipeline import PipelineRun, trained_marker
+from orchestration.pipeline import PipelineRun, eval_marker, trained_marker
 from orchestration.registry import list_versions
 from orchestration.tracking import INTERRUPTED_TAG, INTERRUPTIONS_TAG, client_for
 
@@ -38,8 +38,9 @@ def overrides(tmp_path: Path, data_uri: str, storage_root: str, *extra: str) -> 
             f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
             f"mlflow.registered_model={MODEL}", "data.shapes.train_size=48",
             "data.shapes.test_size=16", "data.shapes.samples_per_shard=16",
-            "eval.num_captions=4", "eval.grid_prompts=[a red circle]", *FAST_OVERRIDES,
-            *extra]
+            "eval.num_captions=4", "eval.grid_prompts=[a red circle]",
+            # the untrained CLIP of the run itself: enough to exercise the bookkeeping
+            f"eval.evaluator.uri={storage_root}/hw/clip/portable", *FAST_OVERRIDES, *extra]
 
 
 def build_dataset(config) -> None:
@@ -193,7 +194,7 @@ def test_pipeline_markers_in_storage_survive_a_crash_and_a_new_node(
     with pytest.raises(SystemExit):
         PipelineRun(config, ["eval", "register"], forced=set(), log=lambda line: None).run()
     monkeypatch.setattr(pipeline_module, "_register", real_register)
-    assert json.loads(eval_dir.join(DONE_FILE).read_text())["marker"] == trained_marker(config)
+    assert json.loads(eval_dir.join(DONE_FILE).read_text())["marker"] == eval_marker(config)
     assert eval_dir.join("pipeline", "config.json").exists()
     assert eval_dir.join("metrics.json").exists()
     assert not record.exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import requests
@@ -33,7 +34,7 @@ from orchestration.registry import (
     RegistryError,
     find_version,
     list_versions,
-    maybe_promote,
+    paired_gate,
     promote,
     register_pipeline,
     resolve_model_uri,
@@ -45,6 +46,20 @@ IMAGE_SIZE = 16
 LINEAGE = {"component_runs": {"clip": "run-clip", "prior": "run-prior", "decoder": "run-dec"},
            "dataset_uri": "s3://bucket/shapes", "manifest_hash": "sha256:abc123"}
 FAST = {"steps": 3, "seed": 7}
+
+
+def report(scores, evaluator="shapes-evaluator@0123456789abcdef", seed=0):
+    from orchestration.evaluation import EvalReport
+
+    return EvalReport(metrics={}, per_caption={"clip_score": list(scores)}, captions_sha="c",
+                      seed=seed, evaluator=evaluator)
+
+
+def gate(client, name, version, scores, champion_scores=None, **kwargs):
+    """The paired gate with `scores` for the candidate and `champion_scores` for whichever
+    version is champion."""
+    return paired_gate(client, name, version, metric="clip_score", candidate=report(scores),
+                       champion_report=lambda champion: champion_scores, **kwargs)
 
 
 def save_tiny_pipeline(directory: Path) -> Path:
@@ -124,9 +139,9 @@ def module_registry(tmp_path_factory, pipeline_dir):
                                     parent_run_id=run.info.run_id,
                                     sampling={"decoder_guidance": 2.5}, **LINEAGE)
     client = MlflowClient(uri, registry_uri=uri)
-    gate = maybe_promote(client, MODEL, version, metric=FD, direction="minimize")
+    first = gate(client, MODEL, version, [0.5] * 8)
     return SimpleNamespace(uri=uri, root=root, client=client, version=version,
-                           run_id=run.info.run_id, experiment_id=experiment_id, gate=gate)
+                           run_id=run.info.run_id, experiment_id=experiment_id, gate=first)
 
 
 @pytest.fixture
@@ -147,7 +162,7 @@ def test_registered_version_has_candidate_alias_lineage_and_metrics(registry):
     assert mv.tags["lineage.manifest_hash"] == "sha256:abc123"
     assert mv.tags["lineage.source_run_id"] == registry.run_id
     assert float(mv.tags[f"metric.{FD}"]) == 10.0
-    assert registry.gate == (True, f"v1 is the first champion ({FD}=10)")
+    assert registry.gate == (True, "v1 is the first champion")
     # Pinned runtime requirements and the copied `models` package travel with the model.
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1"))
     requirements = (model_dir / "requirements.txt").read_text()
@@ -174,8 +189,10 @@ def test_weights_are_found_again_instead_of_registered_twice(registry, pipeline_
     assert find_version(registry.client, name, "weights-b") is None
 
 
-def test_promotion_gate_and_explicit_promote(registry, pipeline_dir):
+def test_paired_promotion_gate_and_explicit_promote(registry, pipeline_dir):
     name, client = "unclip-gate", registry.client
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(scale=0.2, size=64)  # per-caption: shared by every model
 
     def register(metrics, **kwargs):
         return register_pipeline(pipeline_dir, tracking_uri=registry.uri, model_name=name,
@@ -186,24 +203,46 @@ def test_promotion_gate_and_explicit_promote(registry, pipeline_dir):
     client.set_terminated(finished.info.run_id)
     first = register({FD: 10.0}, parent_run_id=finished.info.run_id)
     assert client.get_run(finished.info.run_id).info.status == "FINISHED"
-    assert maybe_promote(client, name, first, metric=FD, direction="minimize")[0]
+    champion_scores = report(0.5 + difficulty)
+    assert gate(client, name, first, champion_scores.per_caption["clip_score"]) == (
+        True, "v1 is the first champion")
 
+    # better on average, but within the noise: not promoted
+    noisy = 0.5 + difficulty + 0.002 + rng.normal(scale=0.05, size=64)
     worse = register({FD: 12.0}, experiment="unclip-test")  # a new run in the experiment
-    promoted, reason = maybe_promote(client, name, worse, metric=FD, direction="minimize")
-    assert not promoted and "does not beat champion v1" in reason
+    promoted, reason = gate(client, name, worse, noisy, champion_scores)
+    assert not promoted and reason.startswith(f"v{worse} clip_score +0.")
+    assert "vs champion v1 (95% paired bootstrap interval [-0." in reason
+    assert reason.endswith("over 64 captions, evaluator shapes-evaluator@0123456789abcdef): "
+                           "not better beyond the uncertainty")
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == str(first)
     assert str(client.get_model_version_by_alias(name, CANDIDATE).version) == str(worse)
-    # The same numbers pass when larger is better.
-    assert maybe_promote(client, name, worse, metric=FD, direction="maximize")[0]
-    promote(name, first, tracking_uri=registry.uri)
+    tags = client.get_model_version(name, str(worse)).tags
+    assert tags["gate.decision"] == "not promoted" and tags["gate.metric"] == "clip_score"
+    assert float(tags["gate.low"]) < 0 < float(tags["gate.high"])
+    assert tags["gate.champion_version"] == "1" and tags["gate.reason"] == reason
+
+    # numbers made by another evaluator are never compared
+    other = report(0.9 + difficulty, evaluator="other@ffff")
+    promoted, reason = gate(client, name, worse, 0.6 + difficulty, other)
+    assert not promoted and reason == (
+        "cannot compare with champion v1 (different evaluators (shapes-evaluator@0123456789"
+        "abcdef vs other@ffff)); compare by hand and promote explicitly")
 
     unmeasured = register({})
-    promoted, reason = maybe_promote(client, name, unmeasured, metric=FD, direction="minimize")
-    assert not promoted and f"no usable {FD}" in reason
+    promoted, reason = paired_gate(client, name, unmeasured, metric="r_precision",
+                                   candidate=report([0.5] * 64),
+                                   champion_report=lambda v: champion_scores)
+    assert not promoted and "has no per-caption r_precision" in reason
 
+    # a small gain on every caption is beyond the uncertainty: promoted
     better = register({FD: 4.0})
-    assert maybe_promote(client, name, better, metric=FD, direction="minimize") == (
-        True, f"v{better} {FD}=4 beats champion v1 {FD}=10 (minimize)")
+    promoted, reason = gate(client, name, better,
+                            0.5 + difficulty + 0.02 + rng.normal(scale=0.01, size=64),
+                            champion_scores)
+    assert promoted and reason.endswith("better beyond the uncertainty")
+    assert client.get_model_version(name, str(better)).tags["gate.decision"] == "promoted"
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == str(better)
 
     promote(name, worse, tracking_uri=registry.uri)  # explicit: ignores the metrics
     champion = client.get_model_version_by_alias(name, CHAMPION)
@@ -340,7 +379,7 @@ def test_register_and_load_through_mlflow_server(mlflow_server, pipeline_dir, tm
     version = register_pipeline(pipeline_dir, tracking_uri=mlflow_server, model_name=MODEL,
                                 metrics={FD: 3.0}, experiment="remote", **LINEAGE)
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
-    assert maybe_promote(client, MODEL, version, metric=FD, direction="minimize")[0]
+    assert gate(client, MODEL, version, [0.5] * 8)[0]
     assert list_versions(MODEL, tracking_uri=mlflow_server)[0]["aliases"] == [CANDIDATE,
                                                                                CHAMPION]
     directory = resolve_model_uri(f"models:/{MODEL}@champion", tracking_uri=mlflow_server,

@@ -9,8 +9,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
+from test_evaluation import save_random_evaluator
 
-from orchestration.config import load_config
+from orchestration.config import ConfigError, load_config
 from tuning.lr_sweep import SweepReportCallback, best_row
 from tuning.objective import Objective, ObjectiveError, parse_objective
 from tuning.report import trial_table_markdown
@@ -198,8 +199,10 @@ def test_guidance_sweep_logs_metrics_plot_and_tags_model_version(tmp_path):
     config = load_config("tiny", [
         f"data.uri={tmp_path}/shapes", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         f"storage_root={tmp_path}/runs", "data.shapes.train_size=32",
-        "data.shapes.test_size=16", "data.shapes.samples_per_shard=16", "eval.num_captions=8"])
+        "data.shapes.test_size=16", "data.shapes.samples_per_shard=16", "eval.num_captions=8",
+        f"eval.evaluator.uri={tmp_path}/evaluator", "eval.bootstrap_reps=100"])
     save_small_pipeline(tmp_path / "pipeline")
+    save_random_evaluator(tmp_path / "evaluator")
     version = register_pipeline(
         tmp_path / "pipeline", tracking_uri=config.mlflow.tracking_uri, model_name="tiny-guid",
         metrics={}, component_runs={}, dataset_uri=config.data.uri, manifest_hash="h",
@@ -218,7 +221,8 @@ def test_guidance_sweep_logs_metrics_plot_and_tags_model_version(tmp_path):
 
     client = MlflowClient(config.mlflow.tracking_uri)
     run = client.get_run(result["run_id"])
-    for key in ("fd_clip", "kid_clip", "precision", "recall", "f1", "clip_score"):
+    for key in ("fd_clip", "kid_clip", "precision", "recall", "f1", "clip_score", "r_precision",
+                "attr_colour_shape"):
         history = client.get_metric_history(result["run_id"], key)
         assert sorted(m.step for m in history) == [0, 1, 2], key
         assert f"best/{key}" in run.data.metrics
@@ -232,6 +236,17 @@ def test_guidance_sweep_logs_metrics_plot_and_tags_model_version(tmp_path):
     assert float(tags[BEST_DECODER_TAG]) == result["best"]["decoder_guidance"]
     assert tags["guidance_sweep.run_id"] == result["run_id"]
     assert "best_prior_guidance" not in tags  # only the decoder scale was swept
+    assert run.data.params["evaluator"].startswith("evaluator@")
+
+    # the same sweep as an Optuna search over the continuous range [1, 3]
+    searched = run_guidance_sweep("models:/tiny-guid@candidate", config=config,
+                                  decoder_scales=[1.0, 3.0], objective="r_precision:max",
+                                  search="optuna", num_trials=2)
+    scales = [row["decoder_guidance"] for row in searched["results"]]
+    assert len(scales) == 2 and all(1.0 <= s <= 3.0 for s in scales)
+    assert scales == sorted(scales) and not set(scales) & {1.0, 3.0}
+    assert searched["best"]["r_precision"] == max(r["r_precision"] for r in searched["results"])
+
 
     # loaders of that version now default to the chosen scale; the saved folder is untouched
     from models.unclip_pipeline import UnCLIPPipeline
@@ -239,5 +254,20 @@ def test_guidance_sweep_logs_metrics_plot_and_tags_model_version(tmp_path):
 
     loaded = UnCLIPPipeline.load(resolve_model_uri(f"models:/tiny-guid/{version}",
                                                    tracking_uri=config.mlflow.tracking_uri))
-    assert loaded.sampling.decoder_guidance == result["best"]["decoder_guidance"]
+    assert loaded.sampling.decoder_guidance == searched["best"]["decoder_guidance"]
     assert UnCLIPPipeline.load(tmp_path / "pipeline").sampling.decoder_guidance == 1.25
+
+
+def test_optuna_search_needs_a_range():
+    from tuning.guidance_sweep import search_space
+
+    goal = parse_objective("fd_clip")
+    with pytest.raises(ConfigError, match="give the decoder range as two scales"):
+        search_space("optuna", [2.0], None, goal, 8)
+    with pytest.raises(ConfigError, match="--search 'random': use grid or optuna"):
+        from tuning.guidance_sweep import run_guidance_sweep
+
+        run_guidance_sweep("models:/x@y", config=load_config("tiny", []), decoder_scales=[1.0],
+                           search="random")
+    assert search_space("optuna", [1.0, 3.0], None, goal, 4).param_space([1.0])[
+        "prior_guidance"] == 1.0

@@ -80,22 +80,32 @@ def guidance(
                        ] = None,
     steps: Annotated[int | None, typer.Option(help="Decoder sampling steps")] = None,
     objective: Annotated[str, typer.Option(
-        help="fd_clip:min, f1:max, precision@recall>=0.5, ...")] = "fd_clip:min",
+        help="fd_clip:min, f1:max, r_precision:max, precision@recall>=0.5, ...")
+    ] = "fd_clip:min",
+    search: Annotated[str, typer.Option(
+        help="grid: every pair of the scales; optuna: TPE over their [min, max] range "
+             "(needs the optuna extra)")] = "grid",
+    trials: Annotated[int, typer.Option(help="Trials for --search optuna")] = 8,
 ) -> None:
-    """Guidance-scale sweep on held-out captions; tags the model version with the best."""
+    """Guidance-scale sweep on held-out captions, scored by the dataset's reference evaluator;
+    tags the model version with the best."""
+    from tuning.guidance_sweep import parse_scales, search_space
     from tuning.objective import parse_objective
 
-    parse_objective(objective)  # fail before loading anything
+    goal = parse_objective(objective)  # fail before loading anything
+    scales = parse_scales(decoder_scales, option="--decoder-scales")
+    search_space(search, scales, None, goal, trials)
     if sampler not in (None, "ddim", "ddpm"):
         raise ConfigError(f"--sampler {sampler!r}: use ddim or ddpm")
     cfg = load_config(config, set_ or [])
-    from tuning.guidance_sweep import parse_scales, run_guidance_sweep
+    from tuning.guidance_sweep import run_guidance_sweep
     from tuning.report import trial_table_markdown
 
     result = run_guidance_sweep(
-        model, config=cfg, decoder_scales=parse_scales(decoder_scales, option="--decoder-scales"),
+        model, config=cfg, decoder_scales=scales,
         prior_scales=parse_scales(prior_scales, option="--prior-scales") or None,
-        num_samples=samples, sampler=sampler, steps=steps, objective=objective, log=_echo)
+        num_samples=samples, sampler=sampler, steps=steps, objective=objective, search=search,
+        num_trials=trials, log=_echo)
     _echo(trial_table_markdown(result["results"]))
     typer.echo(json.dumps({k: result[k] for k in ("sweep_id", "run_id", "objective",
                                                   "objective_satisfied", "best",

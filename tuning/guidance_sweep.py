@@ -1,10 +1,12 @@
-"""Guidance-scale sweep as a Ray Tune experiment, scored in the pipeline's own CLIP space.
+"""Guidance-scale sweep as a Ray Tune experiment, scored by the dataset's reference evaluator.
 
-Each (decoder scale, prior scale) pair is one Tune trial (a grid search): it generates images
-for the same held-out captions with the same seed, scores them, and reports the metrics with
-the images in its checkpoint. The objective picks the best pair from Tune's results, which is
-logged to MLflow and, for a registered model, set as version tags (`best_decoder_guidance`,
-`best_prior_guidance`) that loaders can default to.
+Each (decoder scale, prior scale) pair is one Tune trial: a grid search by default, or an
+Optuna search over a continuous range (`search="optuna"`). A trial generates images for the
+same held-out captions with the same seed, scores them with the evaluator the pipeline's
+eval stage uses, and reports the metrics with the images in its checkpoint. The objective
+picks the best pair from Tune's results, which is logged to MLflow and, for a registered
+model, set as version tags (`best_decoder_guidance`, `best_prior_guidance`) that loaders
+can default to.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from ray import tune
 
-from models.metrics import image_set_metrics
+from data_pipelines.storage import resolve
 from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
 from orchestration.config import Config, ConfigError
 from orchestration.data_check import ensure_dataset
-from orchestration.evaluation import held_out_rows
+from orchestration.evaluation import CaptionScorer, held_out_rows, score_images
+from orchestration.evaluator import Evaluator, ensure_evaluator, load_evaluator
 from orchestration.ray_runtime import connect
 from orchestration.registry import TUNED_SAMPLING_TAGS, model_version, resolve_model_uri
 from orchestration.tracking import (
@@ -73,30 +76,38 @@ def load_from_files(files: dict[str, bytes]) -> UnCLIPPipeline:
         return UnCLIPPipeline.load(tmp)
 
 
-def guidance_trial(params: dict, *, files: dict[str, bytes], captions: list[str],
-                   real_emb: np.ndarray, text_emb: np.ndarray, images_per_caption: int,
-                   seed: int, sampler: str | None, steps: int | None) -> None:
-    """One Tune trial: generate at one pair of scales, score, report metrics; the uint8
-    images [len(captions) * images_per_caption, H, W, 3] go in the trial's checkpoint."""
+EVALUATOR_FILES = ("weights.safetensors", "config.json")
+
+
+def evaluator_files(evaluator: Evaluator) -> dict[str, bytes]:
+    return {name: resolve(evaluator.uri).join(name).read_bytes() for name in EVALUATOR_FILES}
+
+
+def guidance_trial(params: dict, *, files: dict[str, bytes], scorer_files: dict[str, bytes],
+                   evaluator_identity: str, captions: list[str], real_feats: np.ndarray,
+                   images_per_caption: int, config: Config, sampler: str | None,
+                   steps: int | None) -> None:
+    """One Tune trial: generate at one pair of scales, score with the reference evaluator,
+    report metrics; the uint8 images [len(captions) * images_per_caption, H, W, 3] go in the
+    trial's checkpoint."""
     torch.set_num_threads(1)  # one CPU per trial: no oversubscription between trials
     pipeline = load_from_files(files)
-    images = pipeline.generate(captions, num_images_per_prompt=images_per_caption, seed=seed,
-                               prior_guidance=params["prior_guidance"],
+    images = pipeline.generate(captions, num_images_per_prompt=images_per_caption,
+                               seed=config.seed, prior_guidance=params["prior_guidance"],
                                decoder_guidance=params["decoder_guidance"],
                                sampler=sampler, steps=steps).numpy()
-    metrics = clip_space_metrics(pipeline, real_emb, text_emb, images)
+    with tempfile.TemporaryDirectory(prefix="unclip-evaluator-") as tmp:
+        for name, data in scorer_files.items():
+            (Path(tmp) / name).write_bytes(data)
+        evaluator = load_evaluator(tmp, identity=evaluator_identity)
+    fake = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    metrics, _ = score_images(
+        CaptionScorer(evaluator), real_feats=real_feats, real_captions=captions,
+        fake_feats=evaluator.image_features(fake), captions=captions,
+        images_per_caption=images_per_caption, config=config)
     with tempfile.TemporaryDirectory() as directory:
         np.save(Path(directory) / IMAGES_FILE, images)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-
-
-@torch.no_grad()
-def clip_space_metrics(pipeline: UnCLIPPipeline, real_emb: np.ndarray, text_emb: np.ndarray,
-                       generated: np.ndarray) -> dict[str, float]:
-    """FD, KID, precision/recall/F1 and CLIP score of generated images vs held-out images."""
-    fake = torch.tensor(generated).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    fake_emb = pipeline.clip.encode_image(fake, normalize=True).numpy()
-    return image_set_metrics(real_emb, fake_emb, text_emb)
 
 
 def _grid(real: np.ndarray, per_scale: list[np.ndarray]) -> bytes:
@@ -114,39 +125,44 @@ def _grid(real: np.ndarray, per_scale: list[np.ndarray]) -> bytes:
 def run_guidance_sweep(model_uri: str, *, config: Config, decoder_scales: list[float],
                        prior_scales: list[float] | None = None, num_samples: int | None = None,
                        sampler: str | None = None, steps: int | None = None,
-                       objective: str = "fd_clip:min", log=print) -> dict:
-    """Generate, score and compare every (decoder, prior) scale pair; tag the best."""
+                       objective: str = "fd_clip:min", search: str = "grid",
+                       num_trials: int = 8, log=print) -> dict:
+    """Generate, score and compare (decoder, prior) scale pairs; tag the best.
+
+    `search="grid"` tries every pair of the given scales; `search="optuna"` samples
+    `num_trials` pairs from the range [min, max] of each list with Optuna's TPE sampler."""
     goal = parse_objective(objective)
     if not decoder_scales:
         raise ConfigError("--decoder-scales: give at least one scale, e.g. 1,1.5,2,2.5,3")
+    if search not in ("grid", "optuna"):
+        raise ConfigError(f"--search {search!r}: use grid or optuna")
     count = num_samples or config.eval.num_captions
     if count < 4:
         raise ConfigError(f"--samples {count}: precision/recall need at least 4 images")
+    space = search_space(search, decoder_scales, prior_scales, goal, num_trials)
     start = time.monotonic()
     connect(config)
     ensure_dataset(config, log=log)
+    evaluator = ensure_evaluator(config, log=log)
     directory = resolve_model_uri(model_uri, tracking_uri=config.mlflow.tracking_uri)
     pipeline = UnCLIPPipeline.load(directory)
     priors = prior_scales or [pipeline.sampling.prior_guidance]
-    pairs = [(d, p) for p in priors for d in decoder_scales]
     per_caption = config.eval.images_per_caption
 
     rows = held_out_rows(config, count)
     captions = [str(c) for c in rows["caption"]]
-    with torch.no_grad():
-        real_emb = pipeline.clip.encode_image(torch.tensor(rows["image"]),
-                                              normalize=True).numpy()
-        text_emb = torch.nn.functional.normalize(pipeline.encode_text(captions)[0], dim=-1)
-    log(f"[guidance] {len(pairs)} scale pairs x {len(captions) * per_caption} images "
-        f"({model_uri}), one Ray Tune trial each")
+    real_feats = evaluator.image_features(torch.tensor(np.array(rows["image"])))
+    log(f"[guidance] {space.describe(priors)} x {len(captions) * per_caption} images "
+        f"({model_uri}), one Ray Tune trial each, scored by {evaluator.identity}")
     trainable = tune.with_parameters(
-        guidance_trial, files=pipeline_files(directory), captions=captions, real_emb=real_emb,
-        text_emb=text_emb.numpy(), images_per_caption=per_caption, seed=config.seed,
-        sampler=sampler, steps=steps)
-    results, generated = _run_trials(config, trainable, decoder_scales, priors)
+        guidance_trial, files=pipeline_files(directory), scorer_files=evaluator_files(evaluator),
+        evaluator_identity=evaluator.identity, captions=captions, real_feats=real_feats,
+        images_per_caption=per_caption, config=config, sampler=sampler, steps=steps)
+    results, generated = _run_trials(config, trainable, space.param_space(priors), space)
     for row in results:
         log(f"[guidance] decoder {row['decoder_guidance']:g} prior "
-            f"{row['prior_guidance']:g}: " + " ".join(f"{k}={row[k]:.4g}" for k in METRICS))
+            f"{row['prior_guidance']:g}: " + " ".join(
+                f"{k}={row[k]:.4g}" for k in METRICS if k in row))
     best_index, satisfied = goal.pick(results)
     best = results[best_index]
 
@@ -156,7 +172,8 @@ def run_guidance_sweep(model_uri: str, *, config: Config, decoder_scales: list[f
     run_id = _log_sweep(client, config, sweep_id, model_uri, results, best_index, goal,
                         satisfied, generated, rows["image"], per_caption,
                         {"sampler": sampler or pipeline.sampling.sampler,
-                         "steps": steps or pipeline.sampling.steps, "num_samples": count})
+                         "steps": steps or pipeline.sampling.steps, "num_samples": count,
+                         "search": search, "evaluator": evaluator.identity})
     version = model_version(client, model_uri)
     if version:
         tags = {BEST_DECODER_TAG: repr(best["decoder_guidance"]), SWEEP_RUN_TAG: run_id,
@@ -179,18 +196,70 @@ def run_guidance_sweep(model_uri: str, *, config: Config, decoder_scales: list[f
             "sampling": dataclasses.asdict(pipeline.sampling)}
 
 
-def _run_trials(config: Config, trainable, decoder_scales: list[float],
-                priors: list[float]) -> tuple[list[dict], list[np.ndarray]]:
-    """A grid-search Tune experiment over the pairs; (rows, images), ordered by (prior,
-    decoder) scale whatever order the trials finished in."""
+@dataclasses.dataclass
+class SearchSpace:
+    """Grid over the given scales, or Optuna (TPE) over their [min, max] ranges."""
+
+    search: str
+    decoder_scales: list[float]
+    prior_scales: list[float] | None
+    goal: object
+    num_trials: int
+
+    def describe(self, priors: list[float]) -> str:
+        if self.search == "grid":
+            return f"{len(self.decoder_scales) * len(priors)} scale pairs (grid)"
+        return (f"{self.num_trials} Optuna trials over decoder "
+                f"[{min(self.decoder_scales):g}, {max(self.decoder_scales):g}]")
+
+    def param_space(self, priors: list[float]) -> dict:
+        if self.search == "grid":
+            return {"decoder_guidance": tune.grid_search(self.decoder_scales),
+                    "prior_guidance": tune.grid_search(priors)}
+        prior = (tune.uniform(min(priors), max(priors)) if self.prior_scales
+                 and len(priors) > 1 else priors[0])
+        return {"decoder_guidance": tune.uniform(min(self.decoder_scales),
+                                                 max(self.decoder_scales)),
+                "prior_guidance": prior}
+
+    def tune_config(self) -> tune.TuneConfig | None:
+        if self.search == "grid":
+            return None
+        from ray.tune.search.optuna import OptunaSearch
+
+        return tune.TuneConfig(search_alg=OptunaSearch(metric=self.goal.metric,
+                                                       mode=self.goal.mode, seed=0),
+                               num_samples=self.num_trials, max_concurrent_trials=2)
+
+
+def search_space(search: str, decoder_scales: list[float], prior_scales: list[float] | None,
+                 goal, num_trials: int) -> SearchSpace:
+    """Checked before any work: Optuna needs a range and the optional `optuna` package."""
+    if search == "optuna":
+        if len(decoder_scales) < 2:
+            raise ConfigError("--search optuna: give the decoder range as two scales, "
+                              "e.g. --decoder-scales 1,3")
+        if num_trials < 2:
+            raise ConfigError(f"--trials {num_trials}: Optuna needs at least 2 trials")
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("--search optuna needs the optuna package: pip install "
+                              "'unclip-ray[optuna]' (or use --search grid)") from None
+    return SearchSpace(search, decoder_scales, prior_scales, goal, num_trials)
+
+
+def _run_trials(config: Config, trainable, param_space: dict,
+                space: SearchSpace) -> tuple[list[dict], list[np.ndarray]]:
+    """The Tune experiment; (rows, images), ordered by (prior, decoder) scale whatever order
+    the trials finished in."""
     from tuning.lr_sweep import _tune_storage
 
+    options = {"tune_config": space.tune_config()} if space.search != "grid" else {}
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 1}),
-        param_space={"decoder_guidance": tune.grid_search(decoder_scales),
-                     "prior_guidance": tune.grid_search(priors)},
+        tune.with_resources(trainable, {"cpu": 1}), param_space=param_space,
         run_config=tune.RunConfig(name=f"{config.run_name}-guidance-{uuid.uuid4().hex[:8]}",
-                                  verbose=0, **_tune_storage(config)))
+                                  verbose=0, **_tune_storage(config)), **options)
     grid = tuner.fit()
     failed = [result.error for result in grid if result.error is not None]
     if failed:
@@ -201,7 +270,7 @@ def _run_trials(config: Config, trainable, decoder_scales: list[float],
     for result in ordered:
         rows.append({"decoder_guidance": result.config["decoder_guidance"],
                      "prior_guidance": result.config["prior_guidance"],
-                     **{key: result.metrics[key] for key in METRICS}})
+                     **{key: result.metrics[key] for key in METRICS if key in result.metrics}})
         with result.checkpoint.as_directory() as directory:
             images.append(np.load(Path(directory) / IMAGES_FILE))
     return rows, images
@@ -224,17 +293,18 @@ def _log_sweep(client, config: Config, sweep_id: str, model_uri: str, results: l
                                         "unclip.sweep_id": sweep_id}).info.run_id
         client.log_param(child, "decoder_guidance", row["decoder_guidance"])
         client.log_param(child, "prior_guidance", row["prior_guidance"])
-        log_metrics(client, child, {k: row[k] for k in METRICS}, step=0)
-        log_metrics(client, parent, {k: row[k] for k in METRICS}, step=index)
+        log_metrics(client, child, {k: row[k] for k in METRICS if k in row}, step=0)
+        log_metrics(client, parent, {k: row[k] for k in METRICS if k in row}, step=index)
         client.set_terminated(child)
     best = results[best_index]
-    log_metrics(client, parent, {f"best/{k}": best[k] for k in METRICS}, step=0)
+    log_metrics(client, parent, {f"best/{k}": best[k] for k in METRICS if k in best}, step=0)
     set_tags(client, parent, {BEST_DECODER_TAG: best["decoder_guidance"],
                               BEST_PRIOR_TAG: best["prior_guidance"],
                               "objective_satisfied": satisfied})
     log_text(client, parent, trial_table_csv(results), "guidance/scales.csv")
     log_text(client, parent, trial_table_markdown(results), "guidance/scales.md")
-    log_png(client, parent, guidance_plot(results, METRICS, best_index),
+    log_png(client, parent, guidance_plot(results, [k for k in METRICS if k in best],
+                                          best_index),
             "guidance/metrics_vs_scale.png")
     shown = min(GRID_CAPTIONS, len(real_images))
     real = ((torch.from_numpy(np.array(real_images[:shown])) + 1) * 127.5).round().byte()

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from orchestration.config import ConfigError
 
-METRICS = ("fd_clip", "kid_clip", "precision", "recall", "f1", "clip_score")
+METRICS = ("fd_clip", "kid_clip", "precision", "recall", "f1", "clip_score", "r_precision",
+           "attr_colour", "attr_shape", "attr_colour_shape")  # attr_*: structured captions
 LOWER_IS_BETTER = {"fd_clip", "kid_clip"}
 OBJECTIVE_RE = re.compile(
     r"^\s*(?P<metric>\w+)\s*(?::\s*(?P<mode>min|max))?\s*"

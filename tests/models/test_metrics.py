@@ -3,13 +3,19 @@ import pytest
 import torch
 
 from models.metrics import (
+    bootstrap_interval,
     clip_score,
     frechet_distance,
     image_set_metrics,
     kernel_inception_distance,
+    kid_subset_estimates,
     nearest_neighbour_novelty,
+    paired_bootstrap,
     precision_recall,
     prior_cosines,
+    r_precision_hits,
+    ranks_true_first,
+    reduced_frechet_distance,
     zero_shot_topk,
 )
 
@@ -66,23 +72,91 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_image_set_metrics_matches_the_individual_metrics():
+def test_image_set_metrics_matches_the_individual_metrics_with_intervals():
     rng = np.random.default_rng(5)
-    captions, per_caption = 12, 3
+    captions, per_caption = 40, 3
     real = _unit(rng.normal(size=(captions, 8))).astype(np.float32)
     text = _unit(real + 0.3 * rng.normal(size=real.shape)).astype(np.float32)
     fake = _unit(np.repeat(real, per_caption, axis=0)
                  + 0.2 * rng.normal(size=(captions * per_caption, 8))).astype(np.float32)
     metrics = image_set_metrics(real, fake, text)
-    assert list(metrics) == ["fd_clip", "kid_clip", "precision", "recall", "f1", "clip_score"]
-    # the block evaluate_pipeline and the guidance sweep each computed before
-    kid, _ = kernel_inception_distance(real, fake, subsets=10, subset_size=captions)
-    assert metrics == {"fd_clip": frechet_distance(real, fake), "kid_clip": kid,
-                       **precision_recall(real, fake, k=3),
-                       "clip_score": clip_score(fake, np.repeat(text, per_caption, axis=0))}
+    values = {k: v for k, v in metrics.items() if not k.endswith(("_lo", "_hi"))}
+    assert list(values) == ["fd_clip", "fd_dims", "kid_clip", "precision", "recall", "f1",
+                            "clip_score"]
+    # 40 real images allow 4 principal components at 10 samples per dimension
+    assert metrics["fd_dims"] == 4.0
+    assert metrics["fd_clip"] == reduced_frechet_distance(real, fake)[0]
+    assert metrics["kid_clip"] == pytest.approx(np.mean(kid_subset_estimates(real, fake)))
+    assert {k: metrics[k] for k in ("precision", "recall", "f1")} == pytest.approx(
+        precision_recall(real, fake, k=3))
+    assert metrics["clip_score"] == pytest.approx(
+        clip_score(fake, np.repeat(text, per_caption, axis=0)))
+    for name in ("fd_clip", "kid_clip", "precision", "recall", "clip_score"):
+        assert metrics[f"{name}_lo"] <= metrics[name] <= metrics[f"{name}_hi"], name
+    for name in ("fd_clip", "kid_clip", "clip_score"):  # precision may be 1 for every image
+        assert metrics[f"{name}_lo"] < metrics[f"{name}_hi"], name
     assert all(isinstance(v, float) for v in metrics.values())
     assert image_set_metrics(torch.from_numpy(real), torch.from_numpy(fake),
                              torch.from_numpy(text)) == pytest.approx(metrics)
+
+
+def test_kid_subsets_are_smaller_than_the_sets_so_they_differ():
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(size=(40, 4)), rng.normal(size=(40, 4)) + 0.5
+    estimates = kid_subset_estimates(a, b, subsets=20)
+    assert len(set(np.round(estimates, 12))) == 20  # half-size subsets: no repeats
+    mean, std = kernel_inception_distance(a, b, subsets=1, seed=3)
+    assert std == 0.0 and mean > 0
+
+
+def test_reduced_frechet_distance_keeps_ten_samples_per_dimension():
+    rng = np.random.default_rng(10)
+    a, b = rng.normal(size=(300, 64)), rng.normal(size=(200, 64))
+    value, dims = reduced_frechet_distance(a, b)
+    assert dims == 20 and value > 0
+    # identical sets are at distance 0 in any projection
+    assert reduced_frechet_distance(a, a)[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_items():
+    rng = np.random.default_rng(11)
+    few, many = rng.normal(size=20), rng.normal(size=2000)
+    low, high = bootstrap_interval(few)
+    assert low < few.mean() < high
+    low_many, high_many = bootstrap_interval(many)
+    assert high_many - low_many < (high - low) / 4
+
+
+def test_paired_bootstrap_sees_a_small_consistent_gain_that_unpaired_noise_would_hide():
+    rng = np.random.default_rng(12)
+    caption_difficulty = rng.normal(scale=1.0, size=200)  # shared by both models
+    champion = caption_difficulty + rng.normal(scale=0.05, size=200)
+    candidate = caption_difficulty + 0.05 + rng.normal(scale=0.05, size=200)
+    gain = paired_bootstrap(candidate, champion)
+    assert gain["low"] > 0 and gain["items"] == 200
+    assert gain["difference"] == pytest.approx((candidate - champion).mean())
+    same = paired_bootstrap(champion + rng.normal(scale=0.05, size=200), champion)
+    assert same["low"] < 0 < same["high"]
+    with pytest.raises(ValueError, match="two equal 1-D arrays"):
+        paired_bootstrap([1.0, 2.0], [1.0])
+
+
+def test_r_precision_ranks_each_image_against_other_distinct_captions():
+    captions = _unit(np.eye(6)[:, :6] + 0.01)
+    hits = r_precision_hits(captions, captions, [0, 1, 2, 3, 4, 5], candidates=4)
+    assert hits.tolist() == [True] * 6
+    # an image matching caption 1 but labelled with caption 0 never ranks caption 0 first
+    # when caption 1 is among the candidates (here: all 6 are)
+    wrong = r_precision_hits(captions[[1]], captions, [0], candidates=6)
+    assert wrong.tolist() == [False]
+    with pytest.raises(ValueError, match="at least 2 distinct captions"):
+        r_precision_hits(captions[:1], captions[:1], [0])
+
+
+def test_ranks_true_first_needs_a_strict_win():
+    query = np.array([[1.0, 0.0], [1.0, 0.0]])
+    candidates = np.array([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    assert ranks_true_first(query, candidates).tolist() == [True, False]
 
 
 def test_image_set_metrics_pairs_each_image_with_its_caption():

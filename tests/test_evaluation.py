@@ -1,0 +1,117 @@
+"""The reference evaluator and the scores made with it: shapes caption variants, per-caption
+scores with intervals, loading an evaluator and the identity that goes with its numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipelines.shapes import attribute_variants, caption_objects, held_out_pair_in
+from data_pipelines.storage import StorageError
+from orchestration.config import load_config
+from orchestration.evaluation import CaptionScorer, EvalReport, format_report, score_images
+from orchestration.evaluator import evaluator_training_config, load_evaluator
+
+
+def test_attribute_variants_change_one_object_attribute_at_a_time():
+    caption = "a small red circle and a large blue square"
+    colour = attribute_variants(caption, "colour")
+    assert [options[0] for options in colour] == [caption, caption]
+    assert len(colour[0]) == 8 and len(set(colour[0])) == 8  # 8 colours, the true one first
+    assert "a small green circle and a large blue square" in colour[0]
+    assert "a small red circle and a large green square" in colour[1]
+    both = attribute_variants("a medium white pentagon", "colour_shape")
+    assert len(both) == 1 and len(both[0]) == 48 and both[0][0] == "a medium white pentagon"
+    assert attribute_variants("a photo of a dog", "shape") == []
+    assert caption_objects("a photo of a dog") is None
+    with pytest.raises(ValueError, match="unknown attribute 'size'"):
+        attribute_variants(caption, "size")
+    assert held_out_pair_in("a large yellow circle", [("yellow", "circle")])
+    assert not held_out_pair_in("a large yellow square", [("yellow", "circle")])
+
+
+def save_random_evaluator(directory, *, seed: int = 0):
+    """A portable (untrained) tiny CLIP as `unclip train clip` writes it."""
+    from orchestration.tasks.base import save_portable
+    from orchestration.tasks.clip import ClipTask
+
+    config = load_config("tiny", [])
+    torch.manual_seed(seed)
+    task = ClipTask(config)
+    model = task.build_model()
+    save_portable(str(directory), "clip", model, task.model_config(model))
+    return directory
+
+
+def test_scores_carry_intervals_and_one_value_per_caption(tmp_path):
+    config = load_config("tiny", ["eval.bootstrap_reps=200"])
+    evaluator = load_evaluator(str(save_random_evaluator(tmp_path / "ev")))
+    rng = np.random.default_rng(0)
+    captions = ["a small red circle", "a large blue square", "a medium green triangle",
+                "a small yellow circle and a large black ellipse"] * 3
+    real = torch.from_numpy(rng.uniform(-1, 1, (12, 3, 32, 32)).astype(np.float32))
+    fake = torch.from_numpy(rng.uniform(-1, 1, (24, 3, 32, 32)).astype(np.float32))
+    metrics, per_caption = score_images(
+        CaptionScorer(evaluator), real_feats=evaluator.image_features(real),
+        real_captions=captions, fake_feats=evaluator.image_features(fake), captions=captions,
+        images_per_caption=2, config=config)
+    for name in ("fd_clip", "kid_clip", "clip_score", "r_precision", "attr_colour",
+                 "attr_shape", "attr_colour_shape", "attr_colour_shape_held_out",
+                 "attr_colour_shape_seen"):
+        assert metrics[f"{name}_lo"] <= metrics[name] <= metrics[f"{name}_hi"], name
+    assert 0.0 <= metrics["r_precision_real"] <= 1.0
+    assert sorted(per_caption) == ["attr_colour", "attr_colour_shape", "attr_shape",
+                                   "clip_score", "r_precision"]
+    assert all(len(values) == 12 for values in per_caption.values())
+    assert metrics["clip_score"] == pytest.approx(np.mean(per_caption["clip_score"]))
+    # captions outside the shapes grammar get no attribute scores, the rest still works
+    plain = ["a photo of a dog", "a cat on a mat"] * 6
+    metrics, per_caption = score_images(
+        CaptionScorer(evaluator), real_feats=evaluator.image_features(real),
+        real_captions=plain, fake_feats=evaluator.image_features(fake[:12]), captions=plain,
+        images_per_caption=1, config=config)
+    assert "attr_colour" not in metrics and sorted(per_caption) == ["clip_score", "r_precision"]
+
+
+def test_evaluator_identity_follows_the_weights_and_reports_refuse_other_evaluators(tmp_path):
+    first = load_evaluator(str(save_random_evaluator(tmp_path / "a" / "portable", seed=0)))
+    again = load_evaluator(str(tmp_path / "a" / "portable"))
+    other = load_evaluator(str(save_random_evaluator(tmp_path / "b", seed=1)))
+    assert first.identity == again.identity and first.identity.startswith("a@")
+    assert other.identity.startswith("b@") and other.identity.split("@")[1] != \
+        first.identity.split("@")[1]
+    report = EvalReport(metrics={"clip_score": 0.5, "clip_score_lo": 0.4, "clip_score_hi": 0.6},
+                        per_caption={"clip_score": [0.5, 0.5]}, captions_sha="c", seed=0,
+                        evaluator=first.identity)
+    assert report.comparable_with(EvalReport.from_json(report.to_json())) is None
+    moved = EvalReport(**{**report.__dict__, "evaluator": other.identity})
+    assert report.comparable_with(moved) == (
+        f"different evaluators ({first.identity} vs {other.identity})")
+    reseeded = EvalReport(**{**report.__dict__, "seed": 1})
+    assert report.comparable_with(reseeded) == "different captions or seeds"
+    assert format_report(report).splitlines()[1].split() == ["clip_score", "0.5", "[0.4,",
+                                                             "0.6]"]
+
+
+def test_a_missing_evaluator_is_one_line_naming_the_fix(tmp_path):
+    with pytest.raises(StorageError) as missing:
+        load_evaluator(str(tmp_path / "nothing"))
+    assert str(missing.value) == (
+        f"eval.evaluator: no portable CLIP weights at {tmp_path / 'nothing'} (expected "
+        "weights.safetensors + config.json, as `unclip train clip` writes under "
+        "<run>/clip/portable); set eval.evaluator.uri=auto to train one for this dataset")
+
+
+def test_the_default_evaluator_is_trained_once_per_dataset(tmp_path):
+    from data_pipelines.shapes import build_shapes
+    from data_pipelines.shards import manifest_hash
+
+    config = load_config("tiny", [f"data.uri={tmp_path}/shapes", "data.shapes.train_size=8",
+                                  "data.shapes.test_size=4", "data.shapes.samples_per_shard=4"])
+    build_shapes(config.data.uri, config.data.shapes, fmt="webdataset", use_ray=False)
+    training = evaluator_training_config(config)
+    assert training.run_name == f"evaluator-{manifest_hash(config.data.uri)[:12]}"
+    assert training.clip == config.eval.evaluator.clip != config.clip
+    assert training.mlflow.experiment == "unclip-tiny-evaluator"
+    assert training.data == config.data and training.storage_root == config.storage_root
