@@ -283,6 +283,10 @@ def evaluate(
     out: Annotated[str | None, typer.Option(
         help="Folder for metrics.json, evaluation.json and grids (default: "
              "outputs/eval-<model>)")] = None,
+    sampler: Annotated[str | None, typer.Option(
+        help="ddim | ddpm instead of the model's default sampler")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Decoder sampling steps instead of the model's (0: every training step)")] = None,
 ) -> None:
     """Score any model on the config's held-out split with its reference evaluator, exactly
     as the pipeline's eval stage does; prints each metric with its 95% interval."""
@@ -291,7 +295,12 @@ def evaluate(
 
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model).strip("-")
     out_dir = Path(out) if out else Path("outputs") / f"eval-{slug}"
-    report = evaluate_model(model, cfg, out_dir, log=echo)
+    if sampler not in (None, "ddim", "ddpm"):
+        raise ConfigError(f"--sampler {sampler!r}: use ddim or ddpm")
+    sampling = {k: v for k, v in {"sampler": sampler}.items() if v is not None}
+    if steps is not None:
+        sampling["steps"] = steps or None
+    report = evaluate_model(model, cfg, out_dir, log=echo, sampling=sampling)
     typer.echo(format_report(report))
     echo(f"metrics: {out_dir / 'metrics.json'}; per-caption scores: "
          f"{out_dir / 'evaluation.json'}; grids: {out_dir}")

@@ -235,10 +235,13 @@ def _write_outputs(config: Config, pipeline: UnCLIPPipeline, report: EvalReport,
     (out_dir / "evaluation.json").write_text(report.to_json())
 
 
-def evaluate_model(model_uri: str, config: Config, out_dir: Path, log=print) -> EvalReport:
+def evaluate_model(model_uri: str, config: Config, out_dir: Path, log=print,
+                   sampling: dict | None = None) -> EvalReport:
     """`unclip eval --model URI`: any model (registered version or alias, run, saved pipeline
     folder) scored on the config's dataset by the config's reference evaluator, with the same
-    code as the pipeline's eval stage."""
+    code as the pipeline's eval stage. `sampling` overrides the model's sampling defaults
+    (e.g. {"sampler": "ddpm", "steps": None}) to compare samplers on the same weights."""
+    import dataclasses
     import tempfile
 
     from orchestration.data_check import ensure_dataset
@@ -253,6 +256,9 @@ def evaluate_model(model_uri: str, config: Config, out_dir: Path, log=print) -> 
         directory = resolve_model_uri(model_uri, tracking_uri=config.mlflow.tracking_uri,
                                       dst_dir=Path(tmp) / "model")
         pipeline = UnCLIPPipeline.load(directory).eval()
+    if sampling:
+        pipeline.sampling = dataclasses.replace(pipeline.sampling, **sampling)
+        log(f"[eval] sampling: {dataclasses.asdict(pipeline.sampling)}")
     return evaluate_pipeline(config, pipeline, evaluator, out_dir, log=log)
 
 
