@@ -69,10 +69,10 @@ def clip_model_config(name: str, *, context_length: int | None = None, **overrid
 
 def clip_from_config(cfg: dict) -> open_clip.CLIP:
     """Build a randomly initialised CLIP from a config dict; the dict is kept on the model."""
-    model = open_clip.CLIP(**copy.deepcopy(cfg))
     # A 1-element temperature instead of a 0-d one: DeepSpeed broadcasts parameters as byte
-    # views, which 0-d tensors do not support. Broadcasting makes the maths identical.
-    model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
+    # views, which 0-d tensors do not support (also while zero.Init partitions the model as it
+    # is built, so the shape is set at construction). Broadcasting makes the maths identical.
+    model = open_clip.CLIP(**copy.deepcopy(cfg), nonscalar_logit_scale=True)
     # Kept so that a pipeline can save the exact architecture next to the weights.
     model.unclip_model_cfg = copy.deepcopy(cfg)
     return model

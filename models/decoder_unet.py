@@ -34,9 +34,16 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 def _zeroed(module: nn.Module) -> nn.Module:
     # Residual branches start as identity, which keeps deep U-Nets stable at initialisation.
-    for param in module.parameters():
-        nn.init.zeros_(param)
+    # Through `apply`: DeepSpeed's zero.Init, which partitions each module as soon as it is
+    # built, gathers the parameters around an `apply` (and returns None from it, hence no
+    # `return module.apply(...)`), so this also holds for such a model.
+    module.apply(_zero_own_parameters)
     return module
+
+
+def _zero_own_parameters(module: nn.Module) -> None:
+    for param in module.parameters(recurse=False):
+        nn.init.zeros_(param)
 
 
 class ResBlock(nn.Module):

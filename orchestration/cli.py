@@ -292,7 +292,9 @@ def evaluate(
     as the pipeline's eval stage does; prints each metric with its 95% interval."""
     cfg = _config(config, set_)
     from orchestration.evaluation import evaluate_model, format_report
+    from orchestration.threads import set_torch_threads
 
+    set_torch_threads()
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model).strip("-")
     out_dir = Path(out) if out else Path("outputs") / f"eval-{slug}"
     if sampler not in (None, "ddim", "ddpm"):

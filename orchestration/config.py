@@ -63,6 +63,9 @@ class ScalingConfig(Strict):
     torch_threads: int | None = Field(None, ge=1)  # None: Ray's default (one per worker CPU)
     # STRICT_SPREAD puts every worker on its own node (one worker per node)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    # a device's peak FLOP/s (TFLOP/s) for the `mfu` metric; None: the dense bf16 peak of a
+    # known GPU (models/flops.py) when training in bf16, otherwise no MFU is logged
+    peak_tflops: float | None = Field(None, gt=0)
 
 
 class DeepSpeedConfig(Strict):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
+from unittest import mock
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from orchestration.config import DeepSpeedConfig, StageConfig
@@ -46,7 +49,8 @@ def build_optimizer(model: nn.Module, stage: StageConfig,
         if not param.requires_grad:
             continue
         # norms, biases, embeddings and scalars (logit_scale) are not weight-decayed
-        (no_decay if param.ndim < 2 or "embedding" in name else decay).append(param)
+        ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions are flat
+        (no_decay if ndim < 2 or "embedding" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": stage.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs = {"lr": stage.optim.lr, "betas": stage.optim.betas}
@@ -69,30 +73,58 @@ def warmup_cosine(step: int, *, total_steps: int, warmup_fraction: float,
     return min_lr_ratio + (1 - min_lr_ratio) * cosine
 
 
-def gathered(module: nn.Module, zero_stage: int):
-    """Full parameters inside the block, also under ZeRO-3 partitioning."""
+@contextmanager
+def partitioned_construction(ds_config: dict, zero_stage: int, child_inits=()):
+    """Build models inside this block. Under ZeRO-3 each module is partitioned across the
+    ranks as soon as its own __init__ returns (`deepspeed.zero.Init`; Rajbhandari et al.
+    2020, sec. 5), so no rank ever holds the whole model; elsewhere it does nothing.
+
+    `child_inits`, (class, method name) pairs, are library methods that initialise the
+    parameters of child modules built before them (already partitioned, so the init would
+    miss them): they run with the module's parameters gathered and rank 0's result scattered
+    back, as DeepSpeed's docs prescribe for such inits (`GatheredParameters`, modifier_rank).
+    Random draws are then the same as without ZeRO, so the initial weights are too."""
     if zero_stage != 3:
-        return nullcontext()
+        yield
+        return
     import deepspeed
+    from deepspeed.runtime.zero import DeepSpeedTensorOverride
 
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    with ExitStack() as stack:
+        for cls, name in child_inits:
+            stack.enter_context(mock.patch.object(cls, name, _gathered(getattr(cls, name))))
+        # device only: the default also casts every float tensor built inside, which would
+        # turn the diffusion schedules' float64 into float32
+        stack.enter_context(deepspeed.zero.Init(
+            config_dict_or_path=ds_config, tensor_overrides=[DeepSpeedTensorOverride.device]))
+        yield
 
 
-def gathered_for_update(params: list[nn.Parameter], zero_stage: int):
-    """Full `params` inside the block; under ZeRO-3 rank 0's in-place changes are written
-    back to the owning partitions on exit (every rank must enter the block)."""
-    if zero_stage != 3:
-        return nullcontext()
-    import deepspeed
+def _gathered(method):
+    @functools.wraps(method)
+    def run(module: nn.Module, *args, **kwargs):
+        import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            return method(module, *args, **kwargs)
+
+    return run
 
 
 def clamp_parameter_(param: nn.Parameter, low: float, high: float, zero_stage: int) -> None:
     """Clamp a parameter in place, in the model and, under ZeRO 1-3, in the optimizer's fp32
     master copy too: the next step copies the master over the model's value, so clamping
-    the model alone would not hold. Every rank must call it (ZeRO-3 gathers)."""
-    with gathered_for_update([param], zero_stage), torch.no_grad():
+    the model alone would not hold. Under ZeRO-3 each rank clamps the partition it owns
+    (no gather; the padding past the end of a parameter is never read)."""
+    with torch.no_grad():
+        if zero_stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            param.ds_tensor.clamp_(low, high)
+            master = safe_get_local_fp32_param(param)
+            if master is not None:
+                safe_set_local_fp32_param(param, master.clamp(low, high))
+            return
         param.clamp_(low, high)
     if zero_stage > 0:
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
@@ -102,39 +134,86 @@ def clamp_parameter_(param: nn.Parameter, low: float, high: float, zero_stage: i
             safe_set_full_fp32_param(param, master.clamp(low, high))
 
 
-class EMA:
-    """Exponential moving average of the weights (Zbinden 2022, sec. 4.2.3), kept in fp32
-    on every rank.
+def model_state_bytes(engine, ema: EMA) -> int:
+    """Bytes of model state this rank holds: parameters (and their ZeRO-3 partitions),
+    gradients, the optimizer's master weights and state (the model states of Rajbhandari et
+    al. 2020, sec. 3.1) and the EMA. Each storage counts once: DeepSpeed's parameters and
+    partitions are views into flat buffers, and its fp32 master partition shares the
+    weights' storage when they are fp32. Buffers that only carry communication (gradient
+    buckets) are not model state. Call it during an optimizer step, when gradients and
+    optimizer state are both held (`TrainLoop` does, once)."""
+    tensors = list(ema.shadow.values())
+    for param in engine.module.parameters():
+        tensors += [param.data, param.grad, getattr(param, "ds_tensor", None)]
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # inside ZeRO's
+    for group in optimizer.param_groups:
+        tensors += [t for master in group["params"] for t in (master, master.grad)]
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+    storages = {}
+    for tensor in tensors:
+        if tensor is not None and tensor.numel():
+            storage = tensor.untyped_storage()
+            storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
-    Under ZeRO-3 the update gathers the partitioned parameters, so `update_every` > 1 is
-    worth setting for large models; the average is then over every N-th step.
+
+class EMA:
+    """Exponential moving average of the weights (Zbinden 2022, sec. 4.2.3), in fp32.
+
+    At ZeRO 0-2 every rank holds the full weights and the full average. Under ZeRO-3 each
+    rank averages only the partition of every parameter it owns (`param.ds_tensor`), so the
+    average is sharded like the weights and an update needs no communication; `copy_to`
+    gathers it when a full copy is needed (evaluation, portable export).
     """
 
     def __init__(self, module: nn.Module, *, decay: float, zero_stage: int):
-        self.decay, self.zero_stage = decay, zero_stage
-        with gathered(module, zero_stage):
-            self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+        self.decay, self.sharded = decay, zero_stage == 3
+        self.shadow = {n: self._local(p).detach().float().clone()
+                       for n, p in module.named_parameters()}
+
+    def _local(self, param: nn.Parameter) -> torch.Tensor:
+        """The part of `param` this rank keeps: its ZeRO-3 partition, or all of it."""
+        return param.ds_tensor if self.sharded else param
 
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
         # a short effective horizon early on, so the average is not stuck at the init
         decay = min(self.decay, (1 + step) / (10 + step))
-        with gathered(module, self.zero_stage):
-            names, params = zip(*module.named_parameters(), strict=True)
-            torch._foreach_lerp_([self.shadow[n] for n in names],
-                                 [p.detach().float() for p in params], 1 - decay)
+        names, params = zip(*module.named_parameters(), strict=True)
+        torch._foreach_lerp_([self.shadow[n] for n in names],
+                             [self._local(p).detach().float() for p in params], 1 - decay)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.shadow = {k: v.float() for k, v in state["shadow"].items()}
+        shadow = {k: v.float() for k, v in state["shadow"].items()}
+        if {k: v.shape for k, v in shadow.items()} != {k: v.shape for k, v in self.shadow.items()}:
+            raise ValueError("the saved EMA does not match this model and its partitioning")
+        self.shadow = shadow
 
     @torch.no_grad()
-    def copy_to(self, target: nn.Module, source: nn.Module) -> nn.Module:
-        """Load EMA weights plus `source`'s buffers into a plain (non-DeepSpeed) module."""
-        persistent = target.state_dict().keys()  # skips non-persistent buffers (attn masks)
-        buffers = {n: b.detach().clone() for n, b in source.named_buffers() if n in persistent}
-        state = {**self.shadow, **buffers}
-        target.load_state_dict(state, strict=True)
-        return target
+    def copy_to(self, target: nn.Module | None, source: nn.Module) -> None:
+        """Load the average plus `source`'s buffers into the plain (non-DeepSpeed) module
+        `target` on rank 0 (None on the other ranks). Under ZeRO-3 every rank must call it:
+        the partitions are gathered to rank 0, one parameter at a time."""
+        for name, param in source.named_parameters():
+            full = self._gather(param, self.shadow[name]) if self.sharded else self.shadow[name]
+            if target is not None:
+                target.get_parameter(name).copy_(full)
+        if target is not None:
+            persistent = target.state_dict().keys()  # skips non-persistent buffers (attn masks)
+            for name, buffer in source.named_buffers():
+                if name in persistent:
+                    target.get_buffer(name).copy_(buffer)
+
+    @staticmethod
+    def _gather(param: nn.Parameter, shard: torch.Tensor) -> torch.Tensor | None:
+        """`param`'s full average on rank 0 from every rank's `shard` of it (None elsewhere).
+        Rank r's ZeRO-3 partition is the r-th equal slice of the flattened parameter, padded
+        at the end (DeepSpeed partitions over all ranks here: no MiCS or hpZ groups)."""
+        chief = dist.get_rank() == 0
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())] if chief else None
+        dist.gather(shard, parts, dst=0)
+        return torch.cat(parts)[:param.ds_numel].view(param.ds_shape) if chief else None

@@ -38,6 +38,7 @@ from orchestration.layout import (
 )
 from orchestration.ray_runtime import check_cluster_fits, connect
 from orchestration.stages import STAGES, task_class
+from orchestration.threads import set_torch_threads
 from orchestration.tracking import (
     client_for,
     find_or_create_run,
@@ -254,6 +255,7 @@ class PipelineRun:
             return
         stored.join(DONE_FILE).delete()  # first: the outputs below are about to be replaced
         evaluator = ensure_evaluator(self.config, log=self.log)
+        set_torch_threads()  # sampling in this process, beside Ray's (threads.py)
         pipeline = assemble_pipeline(self.config)
         report = evaluate_pipeline(self.config, pipeline, evaluator, out, log=self.log)
         self.metrics = report.metrics

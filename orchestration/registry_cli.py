@@ -117,7 +117,9 @@ def generate(
     uri = _uri_if_needed(model, config, tracking_uri)
     from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
     from orchestration.registry import resolve_model_uri
+    from orchestration.threads import set_torch_threads
 
+    set_torch_threads()  # torch's default pools oversubscribe a shared machine (threads.py)
     with tempfile.TemporaryDirectory(prefix="unclip-generate-") as download:
         directory = resolve_model_uri(model, dst_dir=download, tracking_uri=uri)
         pipeline = UnCLIPPipeline.load(directory)  # weights are in memory: the copy can go

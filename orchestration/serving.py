@@ -142,7 +142,9 @@ class UnCLIPServer:
 
         from models.unclip_pipeline import UnCLIPPipeline
         from orchestration.registry import resolve_model_uri
+        from orchestration.threads import set_torch_threads
 
+        set_torch_threads()  # the CPUs Ray reserved for this replica (num_cpus), not all cores
         start = time.monotonic()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with tempfile.TemporaryDirectory(prefix="unclip-replica-") as download:

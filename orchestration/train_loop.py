@@ -8,6 +8,7 @@ reads as a chain: `run -> train_step -> end_of_step -> (log_window, evaluate, ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,8 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from data_pipelines.resumable import (
     DataLayoutChanged,
@@ -30,17 +33,27 @@ from data_pipelines.resumable import (
     layout_changed,
     layout_difference,
 )
+from models.flops import mfu, peak_bf16_flops
 from orchestration.config import Config
-from orchestration.engine_setup import EMA, build_optimizer, deepspeed_config, warmup_cosine
+from orchestration.engine_setup import (
+    EMA,
+    build_optimizer,
+    deepspeed_config,
+    model_state_bytes,
+    partitioned_construction,
+    resolved_precision,
+    warmup_cosine,
+)
 from orchestration.layout import PORTABLE_DIR
 from orchestration.loop_session import RankStream
-from orchestration.tasks.base import LossModule, Task, load_portable, save_portable
+from orchestration.tasks.base import LossModule, Task, load_portable_into, save_portable
 from orchestration.tracking import client_for, log_metrics, log_png
 
 logger = logging.getLogger("unclip.train")
 ENGINE_TAG = "engine"
 STATE_FILE = "train_state.json"
 EMA_FILE = "ema.pt"
+EMA_SHARD_FILE = "ema_rank{rank}.pt"  # under ZeRO-3: each rank's average of its partitions
 POSITION_FILE = "data_position_rank{rank}.json"  # each rank's place in its stream
 EVAL_BATCHES = 4  # test batches per evaluation: enough for stable tiny-model metrics
 
@@ -117,12 +130,13 @@ class TrainLoop:
         # (also after a restart from no checkpoint at all)
         self.logged_through = _last_logged_step(self.tracker, spec.run_id) if (
             self.tracker) else 0
-        self.eval_model = self.task.build_model().to(self.device) if self.is_chief else None
         self.eval_batches: list[dict] = []
-        self.eval_model_step = -1  # the step whose EMA weights eval_model holds
+        self.state_bytes_to_log = self.state.step == 0  # once per run, at its first step
         self.window = Window()
         self.progress = Progress(self.task.name, self.stage.steps, self.state.step)
         self.per_step = self.stage.batch_size * self.stage.grad_accum * session.world_size
+        self.flops_per_step: int | None = None  # this rank's, counted during the first step
+        self.peak_flops = _peak_flops(self.config, self.device)
 
     def _set_up_engine(self):
         config, stage, rank = self.config, self.stage, self.session.rank
@@ -131,19 +145,28 @@ class TrainLoop:
         _seed(config.seed + rank)  # per-rank randomness in the task's own state
         self.task.setup(device=self.device, rank=rank, world_size=self.session.world_size)
         _seed(config.seed)  # ... but identical initial weights on every rank
-        model = self.task.build_model()
+        ds_config = deepspeed_config(stage, config.deepspeed, use_gpu=config.scaling.use_gpu)
+        with partitioned_construction(ds_config, self.zero_stage, self.task.child_inits):
+            model = self.task.build_model()
         if self.spec.init_from:
-            model.load_state_dict(load_portable(self.spec.init_from)[1].state_dict())
+            load_portable_into(model, self.spec.init_from, zero_stage=self.zero_stage)
         module = LossModule(model, self.task.compute_loss).to(self.device)
         optimizer = build_optimizer(module, stage, config.deepspeed)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
             s, total_steps=stage.steps, warmup_fraction=stage.optim.warmup_fraction,
             min_lr_ratio=stage.optim.min_lr_ratio))
-        engine, _, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(stage, config.deepspeed, use_gpu=config.scaling.use_gpu))
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=ds_config)
         ema = EMA(engine.module.model, decay=stage.optim.ema_decay, zero_stage=self.zero_stage)
+        # counted inside the first optimizer step (ZeRO steps this same optimizer), the one
+        # moment gradients and optimizer state are both held
+        self.model_state_bytes: int | None = None
+        self._count_hook = optimizer.register_step_post_hook(self._count_model_state)
         return engine, ema
+
+    def _count_model_state(self, optimizer, args, kwargs) -> None:
+        self.model_state_bytes = model_state_bytes(self.engine, self.ema)
+        self._count_hook.remove()
 
     def _restore(self) -> tuple[TrainState, Position, int | None]:
         """(state, this rank's data position, fault-injection step): the latest checkpoint's,
@@ -154,8 +177,12 @@ class TrainLoop:
             position = self._saved_position(Path(directory))
             self.engine.load_checkpoint(directory, tag=ENGINE_TAG)
             state = TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
-            self.ema.load_state_dict(torch.load(Path(directory) / EMA_FILE, weights_only=True))
+            self.ema.load_state_dict(torch.load(Path(directory) / self._ema_file(),
+                                                weights_only=True))
         return state, position, None  # the injected fault fires only before the first restart
+
+    def _ema_file(self) -> str:
+        return EMA_SHARD_FILE.format(rank=self.session.rank) if self.ema.sharded else EMA_FILE
 
     def _saved_position(self, directory: Path) -> Position:
         """This rank's position, if the data layout still gives it a meaning; a changed
@@ -192,8 +219,14 @@ class TrainLoop:
             raw = batches.next_batch()
             self.window.wait += time.perf_counter() - wait_start
             keys.extend(str(k) for k in raw.get("key", ()))
-            terms = self.engine(self.task.to_batch(raw, self.device))
-            self.engine.backward(terms["loss"])
+            batch = self.task.to_batch(raw, self.device)
+            counting = self.flops_per_step is None
+            with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as (
+                    counter):
+                terms = self.engine(batch)
+                self.engine.backward(terms["loss"])
+            if counting:  # the model's own FLOPs: not the frozen encoders of to_batch
+                self.flops_per_step = counter.get_total_flops() * self.stage.grad_accum
             self.engine.step()
             for key, value in terms.items():
                 self.window.terms[key] = self.window.terms.get(key, 0.0) + float(value.detach())
@@ -237,12 +270,17 @@ class TrainLoop:
         last = step == stage.steps
         logging_step = last or step % stage.log_every == 0
         evaluating = last or step % stage.evaluation_interval == 0
+        checkpointing = last or step % stage.checkpoint_every == 0
         metrics = self.log_window() if logging_step else {}
+        if self.state_bytes_to_log and self.model_state_bytes is not None:
+            self._log({"model_state_bytes_rank0": self.model_state_bytes})
+            self.state_bytes_to_log = False
+        averaged = self.ema_model() if evaluating or checkpointing else None  # rank 0's
         if evaluating and self.is_chief:
-            metrics.update(self.evaluate())
+            metrics.update(self.evaluate(averaged))
         metrics["step"] = step
-        if last or step % stage.checkpoint_every == 0:
-            self.checkpoint(metrics)
+        if checkpointing:
+            self.checkpoint(metrics, averaged)
         elif logging_step or evaluating:
             self.session.report(metrics)
 
@@ -259,21 +297,35 @@ class TrainLoop:
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)
         metrics["epoch"] = self.state.samples_seen / self.spec.train_samples
+        if self.flops_per_step:  # per rank: matmuls, convolutions and attention
+            metrics["tflops_per_s"] = self.flops_per_step / metrics["step_time_s"] / 1e12
+            if self.peak_flops:
+                metrics["mfu"] = mfu(self.flops_per_step, metrics["step_time_s"],
+                                     self.peak_flops)
         self.window = Window()
         if self.is_chief:
             self._log(metrics)
             logger.info(self.progress.line(self.state.step, metrics))
         return metrics
 
-    def evaluate(self) -> dict:
-        """The task's evaluation of the EMA weights on fixed test batches (rank 0)."""
+    def ema_model(self) -> nn.Module | None:
+        """The EMA weights in a freshly built plain model on rank 0 (None on the others). It
+        is made when an evaluation or checkpoint needs it and dropped after, so no second
+        full model stays resident. Every rank must call it (ZeRO-3 gathers the average)."""
+        source = self.engine.module.model
+        target = self.task.model_from_config(self.task.model_config(source)) if (
+            self.is_chief) else None
+        self.ema.copy_to(target, source)
+        return target.to(self.device).eval() if target is not None else None
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """The task's evaluation of the EMA weights (`model`) on fixed test batches (rank 0)."""
         if not self.eval_batches:  # the first N in order, so evaluations compare over time
             for raw in self.session.test_batches(self.stage.batch_size):
                 self.eval_batches.append(self.task.to_batch(raw, self.device))
                 if len(self.eval_batches) >= EVAL_BATCHES:
                     break
-        self._load_ema_into_eval_model()
-        result = self.task.evaluate(self.eval_model.eval(), self.eval_batches)
+        result = self.task.evaluate(model, self.eval_batches)
         self._log({f"val/{k}": v for k, v in result.metrics.items()}
                   | {"val_loss": result.metrics["val_loss"]})
         for name, image in result.images.items():
@@ -282,34 +334,29 @@ class TrainLoop:
                         f"samples/{name}_step{self.state.step:06d}.png")
         return dict(result.metrics)
 
-    def _load_ema_into_eval_model(self) -> None:
-        if self.eval_model_step != self.state.step:
-            self.ema.copy_to(self.eval_model, self.engine.module.model)
-            self.eval_model_step = self.state.step
-
     def _log(self, metrics: dict) -> None:
         """To MLflow, once per step: a resumed run redoes the steps since its checkpoint
         exactly, and what the lost attempt logged for them stands."""
         if self.tracker and self.state.step > self.logged_through:
             log_metrics(self.tracker, self.spec.run_id, metrics, self.state.step)
 
-    def checkpoint(self, metrics: dict) -> None:
-        """Every rank saves its DeepSpeed shard and its stream position and reports them;
-        rank 0 adds the loop state, EMA and portable weights. Ray Train registers the
+    def checkpoint(self, metrics: dict, averaged: nn.Module | None) -> None:
+        """Every rank saves its DeepSpeed shard and its stream position (under ZeRO-3 also
+        its EMA partitions) and reports them; rank 0 adds the loop state, the EMA (at ZeRO
+        0-2) and the portable weights of `averaged`, the EMA model. Ray Train registers the
         checkpoint only once all ranks reported, so a half-written one is never the latest."""
         with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory)
             self.engine.save_checkpoint(directory, tag=ENGINE_TAG)
             record = {"position": asdict(self.position), "layout": self.session.layout(),
                       "batch_size": self.stage.batch_size}
-            (Path(directory) / POSITION_FILE.format(rank=self.session.rank)).write_text(
-                json.dumps(record))
+            (path / POSITION_FILE.format(rank=self.session.rank)).write_text(json.dumps(record))
+            if self.ema.sharded or self.is_chief:
+                torch.save(self.ema.state_dict(), path / self._ema_file())
             if self.is_chief:
-                path = Path(directory)
-                torch.save(self.ema.state_dict(), path / EMA_FILE)
                 (path / STATE_FILE).write_text(json.dumps(asdict(self.state)))
-                self._load_ema_into_eval_model()  # no-op when evaluate() just did
-                save_portable(str(path / PORTABLE_DIR), self.task.name, self.eval_model,
-                              self.task.model_config(self.eval_model))
+                save_portable(str(path / PORTABLE_DIR), self.task.name, averaged,
+                              self.task.model_config(averaged))
             self.session.report(metrics, directory)
 
 
@@ -317,6 +364,15 @@ def _last_logged_step(client, run_id: str) -> int:
     # every log window logs step_time_s, every evaluation val_loss
     return max((m.step for key in ("step_time_s", "val_loss")
                 for m in client.get_metric_history(run_id, key)), default=0)
+
+
+def _peak_flops(config: Config, device: torch.device) -> float | None:
+    """The device's peak FLOP/s for MFU: the configured one, or a known GPU's bf16 peak."""
+    if config.scaling.peak_tflops:
+        return config.scaling.peak_tflops * 1e12
+    if device.type == "cuda" and resolved_precision(config.deepspeed, True) == "bf16":
+        return peak_bf16_flops(torch.cuda.get_device_name(device))
+    return None
 
 
 def _device(use_gpu: bool) -> torch.device:

@@ -404,3 +404,27 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path):
             with contextlib.suppress(psutil.Error):
                 process.kill()
         proc.wait(timeout=10)
+
+
+def test_torch_threads_follow_the_cpus_a_process_holds(ray_session):
+    """A replica (any Ray worker) gets one intra-op thread per CPU Ray reserved for it and one
+    inter-op thread; a process outside Ray (`unclip generate`) leaves one core to the rest."""
+    import ray
+
+    from orchestration.threads import available_cpus
+
+    @ray.remote(num_cpus=1)
+    def pools():
+        import torch
+
+        from orchestration.threads import set_torch_threads
+
+        set_torch_threads()
+        return torch.get_num_threads(), torch.get_num_interop_threads()
+
+    assert ray.get(pools.remote()) == (1, 1)
+    code = ("import torch; from orchestration.threads import set_torch_threads; "
+            "print(set_torch_threads(), torch.get_num_interop_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=TIMEOUT)
+    assert out.stdout.split() == [str(max(1, available_cpus() - 1)), "1"]

@@ -3,6 +3,7 @@ Ray cluster): cadences, resumption, and a stage added by one class in this file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -118,13 +119,22 @@ def test_resume_refuses_a_changed_data_layout_and_carries_a_new_batch_size(tmp_p
     assert logged[3] + logged[4] == [f"train-{i}" for i in order[16:24]]
 
 
+def gathered_for_update(params, zero_stage: int):
+    """Full `params` inside the block; under ZeRO-3 in-place changes are written back to the
+    partitions on exit."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_clip_temperature_clamp_holds_at_every_zero_stage(tmp_path, data, zero_stage):
     """The logit scale is pushed past log(100) through the engine's own parameters; after
     one optimizer step the clamp has written log(100) back, partitioned or not."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-    from orchestration.engine_setup import gathered_for_update
     from orchestration.train_loop import TrainLoop
 
     config = fast_config(tmp_path, "clip.steps=1", "clip.batch_size=8", "clip.log_every=1",
@@ -205,3 +215,50 @@ def test_a_new_stage_is_one_class_and_a_config_section(tmp_path, data):
         assert name == "mean_colour" and model[0].out_features == 4
     finally:
         unregister_task("mean_colour")
+
+
+@pytest.mark.parametrize("stage", ["clip", "decoder"])  # the prior: test_training's S3 run
+def test_zero3_builds_partitioned_with_the_zero0_initial_weights_and_trains(
+        tmp_path, data, stage):
+    """Under ZeRO-3 every stage's model is built partitioned (zero.Init), and the library
+    inits that run on already-built children still hold: the first weights equal ZeRO-0's,
+    including the zeroed residual outputs of the decoder."""
+    from orchestration.train_loop import TrainLoop
+
+    initial = {}
+    for zero_stage in (0, 3):
+        config = fast_config(tmp_path, f"{stage}.steps=1", f"{stage}.batch_size=4",
+                             f"{stage}.log_every=1", f"deepspeed.zero_stage={zero_stage}")
+        if stage == "decoder":
+            save_trained_clip(config)
+        spec = WorkerSpec(config=config, task=task_class(stage), run_id=None,
+                          train_samples=len(data["train"]["key"]))
+        init_single_process_group()
+        loop = TrainLoop(spec, LocalSession(data, tmp_path / f"ckpt{zero_stage}"))
+        if zero_stage == 3:
+            assert all(hasattr(p, "ds_tensor") for p in loop.engine.module.parameters())
+        initial[zero_stage] = loop.ema_model().state_dict()
+    loop.run()  # ZeRO-3 steps
+    assert [k for k, v in initial[0].items() if not torch.equal(v, initial[3][k])] == []
+    assert math.isfinite(loop.session.reports[-1]["loss"])
+
+
+def test_loop_logs_model_flops_and_mfu_against_the_configured_peak(tmp_path, data):
+    """The first step's FLOPs (the decoder's forward and backward, not the frozen CLIP that
+    embeds its images) are counted as it runs; every log window then reports achieved
+    TFLOP/s and MFU against `scaling.peak_tflops`."""
+    from models.flops import meta_training_step_flops
+
+    config = fast_config(tmp_path, "decoder.steps=2", "decoder.batch_size=4",
+                         "decoder.log_every=1", "scaling.peak_tflops=0.5")
+    save_trained_clip(config)
+    session = run_loop(config, "decoder", data, tmp_path / "ckpt")
+    task = task_class("decoder")(config)
+    task.setup(device=torch.device("cpu"), rank=0, world_size=1)
+    batch = task.to_batch({k: v[:4] for k, v in data["train"].items()}, torch.device("cpu"))
+    expected = meta_training_step_flops(
+        task.build_model, lambda m, b: task.compute_loss(m, b)["loss"], batch)
+    for report in session.reports:
+        flops = report["tflops_per_s"] * 1e12 * report["step_time_s"]
+        assert flops == pytest.approx(expected, rel=1e-6)
+        assert report["mfu"] == pytest.approx(report["tflops_per_s"] / 0.5)

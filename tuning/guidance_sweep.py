@@ -33,6 +33,7 @@ from orchestration.evaluation import CaptionScorer, held_out_rows, score_images
 from orchestration.evaluator import Evaluator, ensure_evaluator, load_evaluator
 from orchestration.ray_runtime import connect
 from orchestration.registry import TUNED_SAMPLING_TAGS, model_version, resolve_model_uri
+from orchestration.threads import set_torch_threads
 from orchestration.tracking import (
     experiment_id,
     log_metrics,
@@ -90,7 +91,7 @@ def guidance_trial(params: dict, *, files: dict[str, bytes], scorer_files: dict[
     """One Tune trial: generate at one pair of scales, score with the reference evaluator,
     report metrics; the uint8 images [len(captions) * images_per_caption, H, W, 3] go in the
     trial's checkpoint."""
-    torch.set_num_threads(1)  # one CPU per trial: no oversubscription between trials
+    set_torch_threads()  # the trial's CPUs: no oversubscription between trials
     pipeline = load_from_files(files)
     images = pipeline.generate(captions, num_images_per_prompt=images_per_caption,
                                seed=config.seed, prior_guidance=params["prior_guidance"],

@@ -53,6 +53,10 @@ class Task:
     # "embeddings": the CLIP embedding shards written by `unclip embed`
     dataset_kind: ClassVar[Literal["images", "embeddings"]] = "images"
     image_columns: ClassVar[tuple[str, ...]] = ("image", "tokens")  # train columns kept
+    # (class, method name) of library code in `build_model` that initialises the parameters
+    # of child modules built before it; under ZeRO-3, where each module is partitioned as
+    # soon as it is built, these run on gathered parameters (`partitioned_construction`)
+    child_inits: ClassVar[tuple[tuple[type, str], ...]] = ()
 
     def __init__(self, config: Config):
         self.config = config
@@ -121,14 +125,61 @@ def read_portable_config(uri: str) -> dict:
     return json.loads(resolve(uri).join("config.json").read_text())
 
 
-def load_portable(uri: str, map_location="cpu") -> tuple[str, nn.Module]:
-    """(stage name, module) from portable weights at a local folder or s3:// prefix."""
+def read_portable_weights(uri: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
+    return load(resolve(uri).join("weights.safetensors").read_bytes())
+
+
+def load_portable(uri: str, map_location="cpu") -> tuple[str, nn.Module]:
+    """(stage name, module) from portable weights at a local folder or s3:// prefix."""
     meta = read_portable_config(uri)
     module = task_class(meta["component"]).model_from_config(meta["config"])
-    module.load_state_dict(load(resolve(uri).join("weights.safetensors").read_bytes()))
+    module.load_state_dict(read_portable_weights(uri))
     return meta["component"], module.to(map_location)
+
+
+@torch.no_grad()
+def load_portable_into(model: nn.Module, uri: str, *, zero_stage: int) -> None:
+    """Portable weights into a freshly built `model` (fine-tuning's `init_from`).
+
+    Under ZeRO-3 the model was partitioned as it was built: rank 0 alone reads the weights
+    and fills one module's gathered parameters at a time, which are scattered back to every
+    rank's partitions (the loading recipe of DeepSpeed's `GatheredParameters` docs); buffers,
+    which ZeRO does not partition, are broadcast. No rank builds a second model."""
+    if zero_stage != 3:
+        model.load_state_dict(read_portable_weights(uri))
+        return
+    import deepspeed
+    import torch.distributed as dist
+
+    chief = dist.get_rank() == 0
+    state = read_portable_weights(uri) if chief else {}
+    problem = [_mismatch(model, state) if chief else None]
+    dist.broadcast_object_list(problem, src=0)  # every rank raises, none waits for rank 0
+    if problem[0]:
+        raise ValueError(f"cannot start from {uri}: {problem[0]}")
+    persistent = model.state_dict().keys()
+    for prefix, module in model.named_modules():
+        params = dict(module.named_parameters(prefix, recurse=False))
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            for name, param in params.items():
+                if chief:
+                    param.copy_(state[name])
+        for name, buffer in module.named_buffers(prefix, recurse=False):
+            if name in persistent:
+                if chief:
+                    buffer.copy_(state[name])
+                dist.broadcast(buffer, src=0)
+
+
+def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """What differs between `model`'s tensors (full shapes, also when partitioned) and `state`."""
+    expected = {k: tuple(getattr(v, "ds_shape", v.shape))
+                for k, v in model.state_dict(keep_vars=True).items()}
+    differ = sorted(k for k in expected.keys() | state.keys()
+                    if k not in state or expected.get(k) != tuple(state[k].shape))
+    return f"names or shapes differ from the model's: {differ[:5]}" if differ else None
 
 
 def save_portable(uri: str, component: str, module: nn.Module, config: dict) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import TextTransformer
 from torch import nn
 
 from models.clip_model import (
@@ -26,6 +28,10 @@ from orchestration.tasks.base import EvalResult, Task, to_tensor
 class ClipTask(Task):
     name = "clip"
     image_columns = ("image", "tokens", "caption")  # captions: zero-shot label sets
+    # open_clip's towers re-initialise their blocks' weights, and torch's attention its output
+    # bias, after building those child modules
+    child_inits = ((ModifiedResNet, "init_parameters"), (TextTransformer, "init_parameters"),
+                   (nn.MultiheadAttention, "_reset_parameters"))
 
     @classmethod
     def check_config(cls, config) -> None:

@@ -1,0 +1,46 @@
+"""The GPU check's dry run, which must pass on a machine without a GPU: argument parsing,
+config generation and validation by the project's own loader, FLOP counting on meta."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestration.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_dry_run_writes_configs_that_validate(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "validated" in result.stdout
+    paths = sorted((out / "configs").glob("*.yaml"))
+    assert [p.name for p in paths] == ["gpu-check-zero2.yaml", "gpu-check-zero3.yaml"]
+    for path, zero in zip(paths, (2, 3), strict=True):
+        config = load_config(str(path))
+        assert config.deepspeed.zero_stage == zero
+        assert config.deepspeed.precision == "bf16"
+        assert config.scaling.use_gpu and config.scaling.num_workers == 1
+        assert config.clip.preset == "ViT-B-32" and config.decoder.preset == "cluster-64"
+    assert not (out / "work").exists()  # a dry run renders no data
+
+
+@pytest.mark.parametrize(("name", "tflops"), [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10G", 125.0), ("NVIDIA L4", 121.0),
+    ("NVIDIA L40S", 362.0), ("Tesla T4", None)])
+def test_gpu_check_peak_table(name, tflops):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_check import peak_tflops
+
+    assert peak_tflops(name, None) == tflops
+    assert peak_tflops(name, 100.0) == 100.0  # --peak-tflops wins
