@@ -70,6 +70,7 @@ def rank_main(rank: int, world: int, port: int, args: dict, queue) -> None:
 
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world)
+        imported = peak_rss_bytes()
         root = Path(args["root"])
         config = load_config("tiny", [
             f"storage_root={root}/runs", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
@@ -90,6 +91,7 @@ def rank_main(rank: int, world: int, port: int, args: dict, queue) -> None:
         spec = WorkerSpec(config=config, task=task_class("clip"), run_id=None,
                           train_samples=8 * world)
         loop = TrainLoop(spec, session)
+        set_up = peak_rss_bytes()
         params = sum(getattr(p, "ds_numel", p.numel()) for p in loop.engine.module.parameters())
         after_step = {}
         original = loop.train_step
@@ -100,7 +102,8 @@ def rank_main(rank: int, world: int, port: int, args: dict, queue) -> None:
 
         loop.train_step = first_step
         loop.run()
-        queue.put((rank, {"params": params, "model_state_bytes": loop.model_state_bytes,
+        queue.put((rank, {"params": params, "peak_rss_imports": imported,
+                          "peak_rss_setup": set_up, "model_state_bytes": loop.model_state_bytes,
                           "peak_rss_first_step": after_step["rss"],
                           "peak_rss_end": peak_rss_bytes(),
                           "checkpoint_bytes": getattr(session, "checkpoint_bytes", None)}))
@@ -151,6 +154,8 @@ def main() -> None:
                "params_m": round(ranks[0]["params"] / 1e6, 1),
                "model_state_gib_per_rank": [round(r["model_state_bytes"] / gib, 3)
                                             for r in ranks],
+               "peak_rss_imports_gib": [round(r["peak_rss_imports"] / gib, 2) for r in ranks],
+               "peak_rss_setup_gib": [round(r["peak_rss_setup"] / gib, 2) for r in ranks],
                "peak_rss_first_step_gib": [round(r["peak_rss_first_step"] / gib, 2)
                                            for r in ranks],
                "peak_rss_end_gib": [round(r["peak_rss_end"] / gib, 2) for r in ranks],

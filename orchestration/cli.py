@@ -21,7 +21,6 @@ from orchestration.config import Config, ConfigError, load_config
 from orchestration.jobs_cli import register as register_job_commands
 from orchestration.registry_cli import generate, models_app, serve
 from orchestration.stages import STAGES
-from orchestration.threads import with_torch_threads
 from tuning.cli import tune_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -30,7 +29,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Build, import and inspect dat
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models", help="Registered models: list versions, promote.")
 app.add_typer(tune_app, name="tune")
-app.command("generate")(with_torch_threads(generate))  # threads: the CPUs it holds
+app.command("generate")(generate)
 app.command("serve")(serve)
 register_job_commands(app)
 

@@ -74,6 +74,9 @@ class DeepSpeedConfig(Strict):
     offload_params: bool = False
     # auto: bf16 autocast on GPU, fp32 on CPU. bf16 keeps fp32 master weights (torch autocast).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # elements per ZeRO communication bucket (gradient reduce-scatter, allgather); each rank
+    # holds a bucket-sized buffer, so it bounds the memory ZeRO adds besides model state
+    bucket_elements: int = Field(50_000_000, ge=1_000_000)
 
 
 class OptimConfig(Strict):

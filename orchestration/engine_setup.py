@@ -23,6 +23,16 @@ def resolved_precision(deepspeed: DeepSpeedConfig, use_gpu: bool) -> str:
 
 def deepspeed_config(stage: StageConfig, deepspeed: DeepSpeedConfig, *, use_gpu: bool) -> dict:
     zero: dict = {"stage": deepspeed.zero_stage}
+    if deepspeed.zero_stage:
+        # DeepSpeed allocates its gradient-reduction bucket whole: its default of 5e8 elements
+        # is 2 GB of fp32 per rank, more than a 150M-parameter model's own gradients
+        zero.update(reduce_bucket_size=deepspeed.bucket_elements,
+                    allgather_bucket_size=deepspeed.bucket_elements)
+    if deepspeed.zero_stage == 3:
+        # ... and by default keeps up to 1e9 gathered parameters alive: the whole model
+        zero.update(stage3_max_live_parameters=deepspeed.bucket_elements,
+                    stage3_max_reuse_distance=deepspeed.bucket_elements,
+                    stage3_prefetch_bucket_size=deepspeed.bucket_elements)
     if deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if deepspeed.offload_params:

@@ -1,23 +1,21 @@
 """Torch's thread pools sized to the CPUs a process holds.
 
 By default torch gives its intra-op pool one thread per core of the machine and its inter-op
-pool as many again, whatever else runs there. A parallel op finishes only when its slowest
-thread does, so when another process (a Ray worker, a replica, Ray's own daemons) takes one
-of those cores, every op waits for the thread that lost it, and the waiting threads spin on
-the cores the rest need. On 2 cores, `unclip generate` took 4.6x as long with torch's
-defaults as with one thread (benchmarks/RESULTS.md, "Inference threads").
+pool as many again, whatever else runs there. When another process (a Ray worker, a replica,
+Ray's own daemons) takes one of those cores, a parallel op waits for the thread that lost it.
+A user saw `unclip generate` take 99.5 s with the defaults and 21.7 s with OMP_NUM_THREADS=1
+on a busy 2-core machine; benchmarks/inference_threads.py could not reproduce that size of
+gap (RESULTS.md, "Inference threads"), but a pool sized to what the process holds costs
+nothing measurable and bounds the worst case.
 
 The policy, in `set_torch_threads`: intra-op threads = the whole CPUs held (at least one);
 one inter-op thread, since this project runs no inter-op parallel work (`torch.jit.fork`).
 A Ray task or actor holds what Ray reserved for it; a process outside Ray's accounting (the
 CLI, the pipeline driver) shares the machine, so it holds all its cores but one.
-
-Importing this module is light (no torch, no Ray), so the CLI can use it at import time.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -60,14 +58,3 @@ def set_torch_threads(cpus: float | None = None) -> int:
         pass  # torch allows it once, before any inter-op work: an earlier call already did
     return threads
 
-
-def with_torch_threads(command):
-    """`command` run with torch's pools sized to the CPUs the process holds (for CLI
-    commands; the wrapper keeps the command's signature, so typer sees the same options)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        set_torch_threads()
-        return command(*args, **kwargs)
-
-    return wrapper

@@ -115,3 +115,64 @@ def test_the_default_evaluator_is_trained_once_per_dataset(tmp_path):
     assert training.clip == config.eval.evaluator.clip != config.clip
     assert training.mlflow.experiment == "unclip-tiny-evaluator"
     assert training.data == config.data and training.storage_root == config.storage_root
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_ci_sized_evaluation_separates_a_perfect_model_from_an_untrained_one(tmp_path):
+    """The tiny config's evaluation, CI-sized: the default evaluator is trained once for the
+    dataset (and found again, not retrained), and its metrics, with intervals, tell the test
+    images themselves (what a perfect model would draw) from an untrained pipeline's."""
+    from test_tuning import save_small_pipeline
+
+    from data_pipelines.shapes import build_shapes
+    from models.unclip_pipeline import UnCLIPPipeline
+    from orchestration.evaluation import held_out_rows
+    from orchestration.evaluator import ensure_evaluator
+
+    config = load_config("tiny", [
+        f"data.uri={tmp_path}/shapes", f"storage_root={tmp_path}/runs",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "data.shapes.train_size=640",
+        "data.shapes.test_size=64", "data.shapes.samples_per_shard=320", "eval.num_captions=64",
+        "eval.bootstrap_reps=300", "eval.evaluator.clip.steps=240",
+        "eval.evaluator.clip.batch_size=64", "eval.evaluator.clip.checkpoint_every=240",
+        "scaling.torch_threads=1"])
+    build_shapes(config.data.uri, config.data.shapes, fmt="webdataset", use_ray=False)
+    lines: list[str] = []
+    evaluator = ensure_evaluator(config, log=lines.append)
+    assert any("training this dataset's reference evaluator" in line for line in lines)
+    lines.clear()
+    assert ensure_evaluator(config, log=lines.append).identity == evaluator.identity
+    assert not any("training" in line for line in lines)  # cached: found, not retrained
+    from mlflow.tracking import MlflowClient
+
+    registered = MlflowClient(config.mlflow.tracking_uri).get_model_version_by_alias(
+        f"{config.mlflow.registered_model}-evaluator", "current")
+    assert int(registered.version) == 1
+
+    rows = held_out_rows(config, 64)
+    captions = [str(c) for c in rows["caption"]]
+    real = torch.from_numpy(np.array(rows["image"]))
+    save_small_pipeline(tmp_path / "untrained")
+    untrained = UnCLIPPipeline.load(tmp_path / "untrained").generate(captions, seed=0)
+    scorer = CaptionScorer(evaluator)
+    real_feats = evaluator.image_features(real)
+
+    def score(images):
+        return score_images(scorer, real_feats=real_feats, real_captions=captions,
+                            fake_feats=evaluator.image_features(images), captions=captions,
+                            images_per_caption=1, config=config)[0]
+
+    perfect = score(real.flip(0))  # other test images of the same distribution, own captions
+    perfect_own = score(real)
+    noise = score(untrained.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+    for metrics in (perfect, perfect_own, noise):
+        for name in ("fd_clip", "kid_clip", "clip_score", "r_precision", "attr_colour"):
+            assert metrics[f"{name}_lo"] <= metrics[name] <= metrics[f"{name}_hi"], name
+    # distribution metrics: the held-out images (in another order) are close, noise is far
+    assert perfect["fd_clip_hi"] < noise["fd_clip_lo"]
+    assert perfect["kid_clip"] < noise["kid_clip"]
+    # alignment: the true images match their captions beyond the untrained model's interval
+    assert perfect_own["r_precision_lo"] > noise["r_precision_hi"]
+    assert perfect_own["attr_colour_lo"] > noise["attr_colour_hi"]
+    assert perfect_own["r_precision"] == pytest.approx(perfect["r_precision_real"])
