@@ -290,17 +290,18 @@ def evaluate(
     """Score any model on the config's held-out split with its reference evaluator, exactly
     as the pipeline's eval stage does; prints each metric with its 95% interval."""
     cfg = _config(config, set_)
-    from orchestration.evaluation import evaluate_model, format_report
-    from orchestration.threads import set_torch_threads
-
-    set_torch_threads()
-    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model).strip("-")
-    out_dir = Path(out) if out else Path("outputs") / f"eval-{slug}"
     if sampler not in (None, "ddim", "ddpm"):
         raise ConfigError(f"--sampler {sampler!r}: use ddim or ddpm")
+    from orchestration.evaluation import evaluate_model, format_report
+
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model).strip("-")
+    out_dir = Path(out) if out else Path("outputs") / f"eval-{slug}"
     sampling = {k: v for k, v in {"sampler": sampler}.items() if v is not None}
     if steps is not None:
         sampling["steps"] = steps or None
+    from orchestration.threads import set_torch_threads
+
+    set_torch_threads()  # after the checks above: bad input answers before torch loads
     report = evaluate_model(model, cfg, out_dir, log=echo, sampling=sampling)
     typer.echo(format_report(report))
     echo(f"metrics: {out_dir / 'metrics.json'}; per-caption scores: "

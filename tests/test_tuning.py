@@ -259,7 +259,7 @@ def test_guidance_sweep_logs_metrics_plot_and_tags_model_version(tmp_path):
 
 
 def test_optuna_search_needs_a_range():
-    from tuning.guidance_sweep import search_space
+    from tuning.guidance_space import search_space
 
     goal = parse_objective("fd_clip")
     with pytest.raises(ConfigError, match="give the decoder range as two scales"):

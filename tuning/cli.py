@@ -89,7 +89,7 @@ def guidance(
 ) -> None:
     """Guidance-scale sweep on held-out captions, scored by the dataset's reference evaluator;
     tags the model version with the best."""
-    from tuning.guidance_sweep import parse_scales, search_space
+    from tuning.guidance_space import parse_scales, search_space
     from tuning.objective import parse_objective
 
     goal = parse_objective(objective)  # fail before loading anything

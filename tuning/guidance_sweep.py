@@ -41,6 +41,7 @@ from orchestration.tracking import (
     log_text,
     set_tags,
 )
+from tuning.guidance_space import SearchSpace, search_space
 from tuning.objective import METRICS, parse_objective
 from tuning.report import guidance_plot, trial_table_csv, trial_table_markdown
 
@@ -48,19 +49,6 @@ BEST_DECODER_TAG, BEST_PRIOR_TAG = TUNED_SAMPLING_TAGS  # the registry applies t
 SWEEP_RUN_TAG = "guidance_sweep.run_id"
 GRID_CAPTIONS = 8  # images per scale in the side-by-side grid
 IMAGES_FILE = "images.npy"
-
-
-def parse_scales(text: str | None, *, option: str) -> list[float]:
-    if text is None or not text.strip():
-        return []
-    try:
-        scales = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"{option} {text!r}: expected comma-separated numbers, "
-                          "e.g. 1,1.5,2,2.5,3") from None
-    if not scales or any(s < 0 for s in scales):
-        raise ConfigError(f"{option} {text!r}: scales must be >= 0 (1 = no guidance)")
-    return sorted(set(scales))
 
 
 def pipeline_files(directory: Path) -> dict[str, bytes]:
@@ -195,59 +183,6 @@ def run_guidance_sweep(model_uri: str, *, config: Config, decoder_scales: list[f
             "objective_satisfied": satisfied, "results": results, "best": best,
             "model_version": {"name": version[0], "version": version[1]} if version else None,
             "sampling": dataclasses.asdict(pipeline.sampling)}
-
-
-@dataclasses.dataclass
-class SearchSpace:
-    """Grid over the given scales, or Optuna (TPE) over their [min, max] ranges."""
-
-    search: str
-    decoder_scales: list[float]
-    prior_scales: list[float] | None
-    goal: object
-    num_trials: int
-
-    def describe(self, priors: list[float]) -> str:
-        if self.search == "grid":
-            return f"{len(self.decoder_scales) * len(priors)} scale pairs (grid)"
-        return (f"{self.num_trials} Optuna trials over decoder "
-                f"[{min(self.decoder_scales):g}, {max(self.decoder_scales):g}]")
-
-    def param_space(self, priors: list[float]) -> dict:
-        if self.search == "grid":
-            return {"decoder_guidance": tune.grid_search(self.decoder_scales),
-                    "prior_guidance": tune.grid_search(priors)}
-        prior = (tune.uniform(min(priors), max(priors)) if self.prior_scales
-                 and len(priors) > 1 else priors[0])
-        return {"decoder_guidance": tune.uniform(min(self.decoder_scales),
-                                                 max(self.decoder_scales)),
-                "prior_guidance": prior}
-
-    def tune_config(self) -> tune.TuneConfig | None:
-        if self.search == "grid":
-            return None
-        from ray.tune.search.optuna import OptunaSearch
-
-        return tune.TuneConfig(search_alg=OptunaSearch(metric=self.goal.metric,
-                                                       mode=self.goal.mode, seed=0),
-                               num_samples=self.num_trials, max_concurrent_trials=2)
-
-
-def search_space(search: str, decoder_scales: list[float], prior_scales: list[float] | None,
-                 goal, num_trials: int) -> SearchSpace:
-    """Checked before any work: Optuna needs a range and the optional `optuna` package."""
-    if search == "optuna":
-        if len(decoder_scales) < 2:
-            raise ConfigError("--search optuna: give the decoder range as two scales, "
-                              "e.g. --decoder-scales 1,3")
-        if num_trials < 2:
-            raise ConfigError(f"--trials {num_trials}: Optuna needs at least 2 trials")
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            raise ConfigError("--search optuna needs the optuna package: pip install "
-                              "'unclip-ray[optuna]' (or use --search grid)") from None
-    return SearchSpace(search, decoder_scales, prior_scales, goal, num_trials)
 
 
 def _run_trials(config: Config, trainable, param_space: dict,
