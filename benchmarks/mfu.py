@@ -1,7 +1,7 @@
 """Model FLOPs utilisation (MFU) of the decoder's training step on this machine's CPU.
 
 MFU = achieved FLOP/s of one decoder training step / this machine's fp32 matmul ceiling.
-The step is forward + backward + AdamW on synthetic batches of the configured size; its FLOPs
+The step is forward + backward + Adam (models_step_time.time_step) on synthetic batches of the configured size; its FLOPs
 are counted by `models.flops.training_step_flops` (matmuls, convolutions, attention). The
 ceiling is the median FLOP/s of a large `torch.mm` at the same thread count: what this CPU
 really sustains, rather than a datasheet number. Both are measured side by side, interleaved
@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from models_step_time import time_step
 
 from models.flops import mfu, training_step_flops
 
@@ -73,20 +74,6 @@ def stage_model_and_loss(config, stage: str, device: str = "cpu"):
     raise ValueError(f"no synthetic step for stage {stage!r}")
 
 
-def step_seconds(model, loss_fn, steps: int) -> float:
-    """Median seconds of a full training step (forward, backward, AdamW), after a warm-up."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        loss = loss_fn(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -108,7 +95,8 @@ def main() -> None:
     for repeat in range(args.repeats):  # interleaved: drift in load hits every measure alike
         ceilings.append(matmul_ceiling())
         for name, case in cases.items():
-            times[name].append(step_seconds(case["model"], case["loss_fn"], args.steps))
+            times[name].append(time_step(case["model"], lambda c=case: c["loss_fn"](c["model"]),
+                                          repeats=args.steps, bf16=False))
         print(json.dumps({"repeat": repeat, "matmul_gflops": round(ceilings[-1] / 1e9, 1),
                           **{f"{n}_s_per_step": round(t[-1], 3) for n, t in times.items()}}),
               flush=True)

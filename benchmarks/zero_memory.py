@@ -1,6 +1,6 @@
 """Model-state bytes and peak memory per rank at ZeRO stages 0-3, with 2 and 4 workers.
 
-The model is open_clip's ViT-B/32 (151M parameters: large enough that model state, not
+The model is open_clip's ViT-B/32 (149M parameters: large enough that model state, not
 activations or libraries, dominates a rank's memory) trained through the project's own loop
 (`TrainLoop`: DeepSpeed engine, EMA, checkpoint) for `--steps` steps of batch 2 at 32 px,
 patch 8. Each configuration starts `--workers` fresh processes joined in a gloo group (as
