@@ -1,12 +1,13 @@
 """Model FLOPs utilisation (MFU) of the decoder's training step on this machine's CPU.
 
 MFU = achieved FLOP/s of one decoder training step / this machine's fp32 matmul ceiling.
-The step is forward + backward + Adam (models_step_time.time_step) on synthetic batches of the configured size; its FLOPs
-are counted by `models.flops.training_step_flops` (matmuls, convolutions, attention). The
-ceiling is the median FLOP/s of a large `torch.mm` at the same thread count: what this CPU
-really sustains, rather than a datasheet number. Both are measured side by side, interleaved
-over the repeats. Cases: the decoder sections of configs/tiny.yaml and
-configs/shapes-paper.yaml (preset, batch, image size, CLIP embedding width).
+The step is forward + backward + Adam (models_step_time.time_step) on synthetic batches of
+the configured size; its FLOPs are counted by `models.flops.training_step_flops` (matmuls,
+convolutions, attention). The ceiling is the median FLOP/s of a large `torch.mm` at the same
+thread count: what this CPU really sustains, rather than a datasheet number. Both are
+measured side by side, interleaved over the repeats. Cases: the decoder sections of
+configs/tiny.yaml and configs/shapes-paper.yaml (preset, batch, image size, CLIP embedding
+width).
 
     python benchmarks/mfu.py [--repeats 3] [--steps 3] [--threads 2]
 """

@@ -60,7 +60,11 @@ class PriorConfig:
 
 
 class CausalSelfAttentionBlock(nn.Module):
-    """Pre-LayerNorm transformer block with causal scaled-dot-product attention."""
+    """Pre-LayerNorm transformer block with causal scaled-dot-product attention.
+
+    `past` holds keys and values [1, heads, P, head_dim] of P earlier positions that every
+    sample shares; `x` then holds the positions after them. With `last_only` only the last
+    position's output is computed. Returns the output and the keys and values of `x`."""
 
     def __init__(self, *, width: int, heads: int, mlp_ratio: float, dropout: float):
         super().__init__()
@@ -74,15 +78,30 @@ class CausalSelfAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                last_only: bool = False
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         batch, length, width = x.shape
         q, k, v = (self.qkv(self.ln_attn(x))
                    .reshape(batch, length, 3, self.heads, width // self.heads)
                    .permute(2, 0, 3, 1, 4))
+        shared = 0 if past is None else past[0].shape[2]
+        if past is not None:
+            k = torch.cat([past[0].expand(batch, -1, -1, -1), k], dim=2)
+            v = torch.cat([past[1].expand(batch, -1, -1, -1), v], dim=2)
+        causal, mask = False, None
+        if last_only:  # the last position sees everything: no mask, one query per sample
+            q, x, length = q[:, :, -1:], x[:, -1:], 1
+        elif past is None:
+            causal = True
+        else:  # position i of x sees every shared position and x's positions up to i
+            mask = torch.ones(length, shared + length, dtype=torch.bool,
+                              device=x.device).tril(diagonal=shared)
         attended = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.drop(self.attn_out(attended.transpose(1, 2).reshape(batch, length, width)))
-        return x + self.drop(self.mlp(self.ln_mlp(x)))
+        return x + self.drop(self.mlp(self.ln_mlp(x))), (k[:, :, shared:], v[:, :, shared:])
 
 
 class DiffusionPriorTransformer(nn.Module):
@@ -98,6 +117,7 @@ class DiffusionPriorTransformer(nn.Module):
         super().__init__()
         self.width = width
         self.context_length = context_length
+        self.dropout = dropout  # > 0 in training: every sample needs its own prefix masks
         self.text_tokens_in = nn.Linear(text_width, width)
         self.text_emb_in = nn.Linear(clip_embed_dim, width)
         self.noised_emb_in = nn.Linear(clip_embed_dim, width)
@@ -116,26 +136,74 @@ class DiffusionPriorTransformer(nn.Module):
                 text_tokens: torch.Tensor | None = None,
                 cond_drop: torch.Tensor | None = None) -> torch.Tensor:
         batch = x_t.shape[0]
-        if text_tokens is None:
-            tokens = self.null_text_tokens.expand(batch, -1, -1)
-        else:
-            if text_tokens.shape[1] != self.context_length:
-                raise ValueError(f"prior expects {self.context_length} text tokens, "
-                                 f"got {text_tokens.shape[1]}")
-            tokens = self.text_tokens_in(text_tokens)
+        if text_tokens is not None and text_tokens.shape[1] != self.context_length:
+            raise ValueError(f"prior expects {self.context_length} text tokens, "
+                             f"got {text_tokens.shape[1]}")
         text = self.text_emb_in(text_emb)[:, None]
         if cond_drop is not None:
-            drop = cond_drop.reshape(batch, 1, 1)
-            tokens = torch.where(drop, self.null_text_tokens.to(tokens.dtype), tokens)
-            text = torch.where(drop, self.null_text_emb.to(text.dtype), text)
+            text = torch.where(cond_drop.reshape(batch, 1, 1), self.null_text_emb.to(text.dtype),
+                               text)
         time = self.time_mlp(sinusoidal_embedding(t, self.width).to(text.dtype))[:, None]
         noised = self.noised_emb_in(x_t)[:, None]
         query = self.query.to(text.dtype).expand(batch, 1, -1)
-        x = torch.cat([tokens.to(text.dtype), text, time, noised, query], dim=1)
-        x = x + self.position.to(x.dtype)
-        for block in self.blocks:
-            x = block(x)
-        return self.out(self.ln_out(x[:, -1]))
+        tail = torch.cat([text, time, noised, query], dim=1)
+        tail = tail + self.position[self.context_length:].to(tail.dtype)
+        null_rows = self._null_token_rows(text_tokens, cond_drop, batch, tail.device)
+        parts, rows = [], []
+        if null_rows.any():  # rows whose text is dropped (or absent) share one prefix
+            parts.append(self._after_shared_null_tokens(tail[null_rows]))
+            rows.append(null_rows.nonzero()[:, 0])
+        if not null_rows.all():
+            keep = ~null_rows
+            tokens = self._token_inputs(None if text_tokens is None else text_tokens[keep],
+                                        None if cond_drop is None else cond_drop[keep],
+                                        int(keep.sum()), tail.dtype)
+            x = torch.cat([tokens, tail[keep]], dim=1)
+            for index, block in enumerate(self.blocks):
+                x, _ = block(x, last_only=index == len(self.blocks) - 1)
+            parts.append(x[:, -1])
+            rows.append(keep.nonzero()[:, 0])
+        out = torch.cat(parts) if len(parts) == 1 else torch.zeros(
+            batch, self.width, dtype=parts[0].dtype, device=tail.device).index_copy(
+                0, torch.cat(rows), torch.cat(parts))
+        return self.out(self.ln_out(out))
+
+    def _null_token_rows(self, text_tokens, cond_drop, batch: int, device) -> torch.Tensor:
+        """Rows that see only the null text tokens: all without tokens, else the dropped ones.
+        None with dropout in training, where every sample needs its own dropout masks."""
+        if self.training and self.dropout:
+            return torch.zeros(batch, dtype=torch.bool, device=device)
+        if text_tokens is None:
+            return torch.ones(batch, dtype=torch.bool, device=device)
+        if cond_drop is None:
+            return torch.zeros(batch, dtype=torch.bool, device=device)
+        return cond_drop.reshape(batch).to(device=device, dtype=torch.bool)
+
+    def _token_inputs(self, text_tokens, cond_drop, batch: int, dtype) -> torch.Tensor:
+        """Projected text tokens (null tokens where none are given or `cond_drop` is set)."""
+        if text_tokens is None:
+            return self.null_text_tokens.to(dtype).expand(batch, -1, -1) + \
+                self.position[: self.context_length].to(dtype)
+        tokens = self.text_tokens_in(text_tokens)
+        if cond_drop is not None:
+            tokens = torch.where(cond_drop.reshape(batch, 1, 1),
+                                 self.null_text_tokens.to(tokens.dtype), tokens)
+        return tokens.to(dtype) + self.position[: self.context_length].to(dtype)
+
+    def _after_shared_null_tokens(self, tail: torch.Tensor) -> torch.Tensor:
+        """The query output of rows whose text tokens are the null ones. Their first positions
+        are the same for every such sample, and causal attention keeps them independent of
+        what follows: run them once (batch 1) and let each sample's 4 positions attend to
+        their keys and values. The same result as the full sequence with about
+        context_length / 4 times less work per sample: all of a prior trained without text
+        tokens, the dropped 10% of a batch in training, the unconditional half of guidance."""
+        shared = (self.null_text_tokens + self.position[: self.context_length])[None]
+        shared = shared.to(tail.dtype)
+        x = tail
+        for index, block in enumerate(self.blocks):
+            shared, past = block(shared)
+            x, _ = block(x, past=past, last_only=index == len(self.blocks) - 1)
+        return x[:, -1]
 
 
 class MLPTranslator(nn.Module):

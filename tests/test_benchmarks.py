@@ -44,3 +44,20 @@ def test_gpu_check_peak_table(name, tflops):
 
     assert peak_tflops(name, None) == tflops
     assert peak_tflops(name, 100.0) == 100.0  # --peak-tflops wins
+
+
+def test_sampling_benchmark_times_ddim_at_the_step_ratio_the_goal_needs():
+    """DDIM's speed-up is bounded by T / steps, so beside DDIM-50 the sampling benchmark times
+    DDIM at T / 15 steps whenever 50 steps cannot reach the 15x goal."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from sampling import sampler_variants, speed_ratios
+
+    assert sampler_variants(300, 50) == {
+        "ddpm_full": {"sampler": "ddpm", "steps": 300},
+        "ddim_50": {"sampler": "ddim", "steps": 50, "eta": 0.0},
+        "ddim_20": {"sampler": "ddim", "steps": 20, "eta": 0.0}}
+    assert list(sampler_variants(1000, 50)) == ["ddpm_full", "ddim_50"]  # 50 = T / 20
+    ratios = speed_ratios({"ddpm_full": 31.0, "ddim_50": 6.0, "prior_only": 1.0},
+                          {"ddpm_full": {}, "ddim_50": {}})
+    assert ratios == {"ddpm_full_over_ddim_50": 5.17,
+                      "ddpm_full_over_ddim_50_decoder_only": 6.0}

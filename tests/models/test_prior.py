@@ -78,3 +78,55 @@ def test_mlp_translator_sample_is_deterministic(tiny_prior):
     text = torch.randn(3, 32)
     assert torch.equal(prior.sample(text_emb=text), prior.sample(text_emb=text))
     assert prior.training  # sample restores the mode it found
+
+
+@pytest.mark.parametrize(("with_tokens", "dropped"), [
+    (False, [False, True, False, False, True]), (True, [False, True, False, False, True]),
+    (True, [False] * 5), (True, [True] * 5)])
+def test_shortcuts_give_the_full_sequence_result_and_gradients(tiny_prior, with_tokens,
+                                                               dropped):
+    """The prior's exact shortcuts: the last block computes only the query position, and rows
+    that see only null text tokens (no tokens given, or their condition dropped) run the
+    null-token prefix once for all of them. Outputs and gradients equal those of running
+    every position of every sample's full sequence."""
+    prior = tiny_prior(width=32, layers=3, heads=2)
+    network = prior.network
+    x_t, text = torch.randn(5, 32), torch.randn(5, 32)
+    text_tokens = torch.randn(5, 16, 64) if with_tokens else None
+    t = torch.tensor([0, 3, 7, 12, 19])
+    cond_drop = torch.tensor(dropped)
+
+    def full_sequence():  # the long way: every position, every sample
+        tokens = network._token_inputs(text_tokens, cond_drop, 5, torch.float32)
+        text_in = torch.where(cond_drop[:, None, None], network.null_text_emb,
+                              network.text_emb_in(text)[:, None])
+        from models.timestep_embedding import sinusoidal_embedding
+        time = network.time_mlp(sinusoidal_embedding(t, network.width))[:, None]
+        tail = torch.cat([text_in, time, network.noised_emb_in(x_t)[:, None],
+                          network.query.expand(5, 1, -1)], dim=1)
+        x = torch.cat([tokens, tail + network.position[network.context_length:]], dim=1)
+        for block in network.blocks:
+            x, _ = block(x)
+        return network.out(network.ln_out(x[:, -1]))
+
+    def grads(fn):
+        network.zero_grad()
+        out = fn()
+        out.pow(2).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in network.named_parameters()
+                              if p.grad is not None}
+
+    shared_out, shared_grads = grads(lambda: network(x_t, t, text_emb=text,
+                                                     text_tokens=text_tokens,
+                                                     cond_drop=cond_drop))
+    full_out, full_grads = grads(full_sequence)
+    torch.testing.assert_close(shared_out, full_out, rtol=1e-5, atol=1e-5)
+    # a layer the shortcut never runs (text tokens when every row is dropped) has no
+    # gradient; the long way gives it an all-zero one
+    assert [n for n in full_grads if n not in shared_grads and full_grads[n].any()] == []
+    assert set(shared_grads) <= set(full_grads)
+    if not with_tokens or any(dropped):
+        assert "null_text_tokens" in shared_grads  # a shared prefix still learns
+    for name in shared_grads:
+        torch.testing.assert_close(shared_grads[name], full_grads[name], rtol=1e-4, atol=1e-5,
+                                   msg=name)
