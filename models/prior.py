@@ -148,24 +148,20 @@ class DiffusionPriorTransformer(nn.Module):
         query = self.query.to(text.dtype).expand(batch, 1, -1)
         tail = torch.cat([text, time, noised, query], dim=1)
         tail = tail + self.position[self.context_length:].to(tail.dtype)
+        # Both branches run even when one has no rows, so every rank calls every module the
+        # same number of times: ZeRO-3 gathers parameters per call, and ranks whose calls
+        # differ would wait on each other's collectives forever.
         null_rows = self._null_token_rows(text_tokens, cond_drop, batch, tail.device)
-        parts, rows = [], []
-        if null_rows.any():  # rows whose text is dropped (or absent) share one prefix
-            parts.append(self._after_shared_null_tokens(tail[null_rows]))
-            rows.append(null_rows.nonzero()[:, 0])
-        if not null_rows.all():
-            keep = ~null_rows
-            tokens = self._token_inputs(None if text_tokens is None else text_tokens[keep],
-                                        None if cond_drop is None else cond_drop[keep],
-                                        int(keep.sum()), tail.dtype)
-            x = torch.cat([tokens, tail[keep]], dim=1)
-            for index, block in enumerate(self.blocks):
-                x, _ = block(x, last_only=index == len(self.blocks) - 1)
-            parts.append(x[:, -1])
-            rows.append(keep.nonzero()[:, 0])
-        out = torch.cat(parts) if len(parts) == 1 else torch.zeros(
-            batch, self.width, dtype=parts[0].dtype, device=tail.device).index_copy(
-                0, torch.cat(rows), torch.cat(parts))
+        null_index, keep_index = null_rows.nonzero()[:, 0], (~null_rows).nonzero()[:, 0]
+        shared_out = self._after_shared_null_tokens(tail[null_index])
+        tokens = self._token_inputs(
+            None if text_tokens is None else text_tokens[keep_index],
+            None if cond_drop is None else cond_drop[keep_index], len(keep_index), tail.dtype)
+        x = torch.cat([tokens, tail[keep_index]], dim=1)
+        for index, block in enumerate(self.blocks):
+            x, _ = block(x, last_only=index == len(self.blocks) - 1)
+        out = torch.zeros(batch, self.width, dtype=x.dtype, device=x.device).index_copy(
+            0, torch.cat([null_index, keep_index]), torch.cat([shared_out.to(x.dtype), x[:, -1]]))
         return self.out(self.ln_out(out))
 
     def _null_token_rows(self, text_tokens, cond_drop, batch: int, device) -> torch.Tensor:
