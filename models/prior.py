@@ -166,7 +166,7 @@ class DiffusionPriorTransformer(nn.Module):
 
     def _null_token_rows(self, text_tokens, cond_drop, batch: int, device) -> torch.Tensor:
         """Rows that see only the null text tokens: all without tokens, else the dropped ones.
-        None with dropout in training, where every sample needs its own dropout masks."""
+        No rows with dropout in training, where every sample needs its own dropout masks."""
         if self.training and self.dropout:
             return torch.zeros(batch, dtype=torch.bool, device=device)
         if text_tokens is None:
@@ -178,12 +178,12 @@ class DiffusionPriorTransformer(nn.Module):
     def _token_inputs(self, text_tokens, cond_drop, batch: int, dtype) -> torch.Tensor:
         """Projected text tokens (null tokens where none are given or `cond_drop` is set)."""
         if text_tokens is None:
-            return self.null_text_tokens.to(dtype).expand(batch, -1, -1) + \
-                self.position[: self.context_length].to(dtype)
-        tokens = self.text_tokens_in(text_tokens)
-        if cond_drop is not None:
-            tokens = torch.where(cond_drop.reshape(batch, 1, 1),
-                                 self.null_text_tokens.to(tokens.dtype), tokens)
+            tokens = self.null_text_tokens.expand(batch, -1, -1)
+        else:
+            tokens = self.text_tokens_in(text_tokens)
+            if cond_drop is not None:
+                tokens = torch.where(cond_drop.reshape(batch, 1, 1),
+                                     self.null_text_tokens.to(tokens.dtype), tokens)
         return tokens.to(dtype) + self.position[: self.context_length].to(dtype)
 
     def _after_shared_null_tokens(self, tail: torch.Tensor) -> torch.Tensor:
