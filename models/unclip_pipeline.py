@@ -130,6 +130,21 @@ class UnCLIPPipeline(nn.Module):
                             generator=generator, guidance=decoder_guidance, sampler=sampler,
                             steps=steps, eta=eta)
 
+    @torch.no_grad()
+    def generate_without_prior(self, prompts: list[str], *, image_emb: torch.Tensor | None = None,
+                               num_images_per_prompt: int = 1, seed: int = 0) -> torch.Tensor:
+        """The decoder alone, for the ablation of Zbinden 2022, sec. 5.1 (table 5.1): each
+        prompt's image embedding is given (`image_emb`, one per prompt: the true image's, i.e.
+        reconstruction) or, without it, the prompt's CLIP text embedding takes the prior's
+        place. The decoder's text tokens still come from the prompts."""
+        generator = torch.Generator().manual_seed(seed)
+        text_emb, token_encodings = self.encode_text(prompts)
+        emb = text_emb if image_emb is None else image_emb.to(self.device)
+        emb = emb.repeat_interleave(num_images_per_prompt, dim=0)
+        token_encodings = token_encodings.repeat_interleave(num_images_per_prompt, dim=0)
+        return self._decode(emb, text_tokens=self._decoder_text(token_encodings),
+                            generator=generator)
+
     def _start_noise(self, count, *, generator, images=None, image_emb=None, steps=None):
         """Shared x_T: DDIM inversion of `images` when given, else one Gaussian draw."""
         if images is not None:

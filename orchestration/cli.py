@@ -286,26 +286,70 @@ def evaluate(
         help="ddim | ddpm instead of the model's default sampler")] = None,
     steps: Annotated[int | None, typer.Option(
         help="Decoder sampling steps instead of the model's (0: every training step)")] = None,
+    conditioning: Annotated[str, typer.Option(
+        help="prior (the full pipeline) | image (decoder-only reconstruction from the true "
+             "image's CLIP embedding) | text (no prior: the text embedding goes to the "
+             "decoder); the ablation of Zbinden 2022, sec. 5.1")] = "prior",
 ) -> None:
     """Score any model on the config's held-out split with its reference evaluator, exactly
-    as the pipeline's eval stage does; prints each metric with its 95% interval."""
-    cfg = _config(config, set_)
+    as the pipeline's eval stage does; prints each metric with its 95% interval. A release
+    folder (`unclip release`) without -c is scored with its own evaluator and dataset recipe,
+    beside the numbers it was released with."""
+    from orchestration.release import is_release, release_config
+
+    release = config is None and is_release(model)
+    cfg = release_config(model, set_) if release else _config(config, set_)
     if sampler not in (None, "ddim", "ddpm"):
         raise ConfigError(f"--sampler {sampler!r}: use ddim or ddpm")
+    if conditioning not in ("prior", "image", "text"):
+        raise ConfigError(f"--conditioning {conditioning!r}: use prior, image or text")
     from orchestration.evaluation import evaluate_model, format_report
 
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model).strip("-")
-    out_dir = Path(out) if out else Path("outputs") / f"eval-{slug}"
+    suffix = "" if conditioning == "prior" else f"-{conditioning}"
+    out_dir = Path(out) if out else Path("outputs") / f"eval-{slug}{suffix}"
     sampling = {k: v for k, v in {"sampler": sampler}.items() if v is not None}
     if steps is not None:
         sampling["steps"] = steps or None
     from orchestration.threads import set_torch_threads
 
     set_torch_threads()  # after the checks above: bad input answers before torch loads
-    report = evaluate_model(model, cfg, out_dir, log=echo, sampling=sampling)
+    report = evaluate_model(model, cfg, out_dir, log=echo, sampling=sampling,
+                            conditioning=conditioning)
     typer.echo(format_report(report))
+    if release:
+        from orchestration.release import compare_with_release
+
+        typer.echo(compare_with_release(model, cfg, report))
     echo(f"metrics: {out_dir / 'metrics.json'}; per-caption scores: "
          f"{out_dir / 'evaluation.json'}; grids: {out_dir}")
+
+
+@app.command("release")
+def release(
+    model: Annotated[str, typer.Option(
+        help="models:/NAME@alias, models:/NAME/VERSION, runs:/ID/path or a pipeline folder")],
+    out: Annotated[str, typer.Option(help="Release folder to write (e.g. release/shapes)")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_uri: Annotated[str | None, typer.Option(
+        help="Dataset path written into the release's eval.yaml, where `unclip eval` builds "
+             "or finds it (default: data.uri as the config file gives it)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing release folder")] = False,
+) -> None:
+    """Write a model as a small self-contained folder: fp16 weights, its reference evaluator,
+    the config that re-checks it and release.json (metrics from evaluating the release
+    itself, lineage). Users run it without training: `unclip generate --model OUT`."""
+    cfg = _config(config, set_)
+    recipe_uri = data_uri or load_config(config, set_ or [], absolute_paths=False,
+                                         check_models=False).data.uri
+    from orchestration.release import write_release
+    from orchestration.threads import set_torch_threads
+
+    set_torch_threads()
+    written = write_release(model, cfg, Path(out), data_uri=recipe_uri, overwrite=overwrite,
+                            log=echo)
+    typer.echo(json.dumps({"out": out, "metrics": written["eval"]["metrics"]}, indent=2))
 
 
 def _scalars(metrics: dict) -> dict:

@@ -171,19 +171,36 @@ def score_images(scorer: CaptionScorer, *, real_feats: np.ndarray, real_captions
     return metrics, per_caption
 
 
+# What conditions the decoder: the ablation of Zbinden 2022, sec. 5.1 (table 5.1)
+CONDITIONINGS = {"prior": "the full pipeline (text -> prior -> decoder)",
+                 "image": "decoder-only reconstruction from the true image's CLIP embedding",
+                 "text": "no prior: the CLIP text embedding fed straight to the decoder"}
+
+
+def _generate(pipeline: UnCLIPPipeline, captions: list[str], real_images: torch.Tensor,
+              conditioning: str, config: Config) -> torch.Tensor:
+    n, seed = config.eval.images_per_caption, config.seed
+    if conditioning == "prior":
+        return pipeline.generate(captions, num_images_per_prompt=n, seed=seed)
+    image_emb = (pipeline.clip.encode_image(real_images, normalize=True)
+                 if conditioning == "image" else None)
+    return pipeline.generate_without_prior(captions, image_emb=image_emb,
+                                           num_images_per_prompt=n, seed=seed)
+
+
 @torch.no_grad()
 def evaluate_pipeline(config: Config, pipeline: UnCLIPPipeline, evaluator: Evaluator,
-                      out_dir: Path, log=print) -> EvalReport:
-    """Generate for held-out captions, score with the reference evaluator, write the grids."""
+                      out_dir: Path, log=print, conditioning: str = "prior") -> EvalReport:
+    """Generate for held-out captions, score with the reference evaluator, write the grids.
+    `conditioning` other than "prior" scores an ablation (see CONDITIONINGS)."""
     start = time.monotonic()
     ev = config.eval
     rows = held_out_rows(config, ev.num_captions)
     captions = [str(c) for c in rows["caption"]]
     real_images = torch.from_numpy(np.array(rows["image"]))  # Ray blocks are read-only
     log(f"[eval] generating {len(captions) * ev.images_per_caption} images for "
-        f"{len(captions)} held-out captions")
-    generated = pipeline.generate(captions, num_images_per_prompt=ev.images_per_caption,
-                                  seed=config.seed)
+        f"{len(captions)} held-out captions ({CONDITIONINGS[conditioning]})")
+    generated = _generate(pipeline, captions, real_images, conditioning, config)
     fake = generated.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     scorer = CaptionScorer(evaluator)
     real_feats = evaluator.image_features(real_images)
@@ -236,7 +253,7 @@ def _write_outputs(config: Config, pipeline: UnCLIPPipeline, report: EvalReport,
 
 
 def evaluate_model(model_uri: str, config: Config, out_dir: Path, log=print,
-                   sampling: dict | None = None) -> EvalReport:
+                   sampling: dict | None = None, conditioning: str = "prior") -> EvalReport:
     """`unclip eval --model URI`: any model (registered version or alias, run, saved pipeline
     folder) scored on the config's dataset by the config's reference evaluator, with the same
     code as the pipeline's eval stage. `sampling` overrides the model's sampling defaults
@@ -259,7 +276,8 @@ def evaluate_model(model_uri: str, config: Config, out_dir: Path, log=print,
     if sampling:
         pipeline.sampling = dataclasses.replace(pipeline.sampling, **sampling)
         log(f"[eval] sampling: {dataclasses.asdict(pipeline.sampling)}")
-    return evaluate_pipeline(config, pipeline, evaluator, out_dir, log=log)
+    return evaluate_pipeline(config, pipeline, evaluator, out_dir, log=log,
+                             conditioning=conditioning)
 
 
 def format_report(report: EvalReport) -> str:

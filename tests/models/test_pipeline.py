@@ -37,6 +37,27 @@ def test_save_load_gives_identical_images(tmp_path, tiny_clip, tiny_prior, tiny_
                            loaded.generate(["a green star"], seed=11, **kwargs))
 
 
+def test_without_prior_the_decoder_gets_the_given_or_the_text_embedding(
+        tiny_clip, tiny_prior, tiny_decoder, monkeypatch):
+    """The ablations (Zbinden 2022, table 5.1) are the full pipeline with the prior's output
+    replaced: by the given image embedding, or by the prompt's own text embedding."""
+    pipeline = make_pipeline(tiny_clip, tiny_prior, tiny_decoder, text_width=64)
+    for param in pipeline.decoder.parameters():  # untrained outputs are zero: make them depend
+        torch.nn.init.normal_(param, std=0.05)  # on the embedding
+    prompts = ["a red circle", "a blue square"]
+    given = torch.randn(2, 32)
+    text_emb, _ = pipeline.encode_text(prompts)
+    for replacement, kwargs in ((given, {"image_emb": given}), (text_emb, {})):
+        monkeypatch.setattr(pipeline.prior, "sample",
+                            lambda replacement=replacement, **_: replacement.repeat_interleave(
+                                2, dim=0))
+        assert torch.equal(pipeline.generate(prompts, num_images_per_prompt=2, seed=5),
+                           pipeline.generate_without_prior(prompts, num_images_per_prompt=2,
+                                                            seed=5, **kwargs))
+    assert not torch.equal(pipeline.generate_without_prior(prompts, image_emb=given, seed=5),
+                           pipeline.generate_without_prior(prompts, seed=5))
+
+
 def test_variations_interpolation_and_text_diff(tiny_clip, tiny_prior, tiny_decoder):
     pipeline = make_pipeline(tiny_clip, tiny_prior, tiny_decoder)
     emb_a, emb_b = torch.randn(32), torch.randn(32)
