@@ -239,3 +239,34 @@ def held_out_pair_in(caption: str, held_out) -> bool:
     """Whether any object of `caption` is a (colour, shape) pair held out of training."""
     pairs = {tuple(p) for p in held_out}
     return any((o["colour"], o["shape"]) in pairs for o in caption_objects(caption) or [])
+
+
+# The zero-shot captions of Luo 2023, sec. 4.6.4, made from a one-object caption: the same
+# meaning in words the dataset never uses, and captions naming only the shape or the colour.
+ZERO_SHOT_PROBES = ("rephrased", "shape_only", "colour_only")
+
+
+def zero_shot_prompt(caption: str, probe: str) -> str | None:
+    """"a small gold rectangle" -> "a small rectangle that is gold" (rephrased), "a small
+    rectangle" (shape_only) or "gold" (colour_only); None unless the caption has one object."""
+    objects = caption_objects(caption)
+    if objects is None or len(objects) != 1 or objects[0]["span"] != (0, len(caption)):
+        return None
+    size, colour, shape = objects[0]["size"], objects[0]["colour"], objects[0]["shape"]
+    return {"rephrased": f"a {size} {shape} that is {colour}", "shape_only": f"a {size} {shape}",
+            "colour_only": colour}[probe]
+
+
+def attribute_classes(caption: str, attribute: str) -> tuple[list[list[str]], int]:
+    """(one list of dataset captions per value of `attribute`, index of the caption's own
+    value) for a one-object caption: every size, colour and shape the attribute leaves open,
+    so an evaluator can score the attribute alone by averaging each list (prompt ensembling,
+    Radford et al. 2021, sec. 3.1.4)."""
+    (obj,) = caption_objects(caption)
+    values = COLOURS if attribute == "colour" else SHAPES
+    others = SHAPES if attribute == "colour" else COLOURS
+    sizes = list(SIZES) if attribute == "colour" else [obj["size"]]
+    classes = [[f"a {size} {value} {other}" if attribute == "colour" else
+                f"a {size} {other} {value}" for size in sizes for other in others]
+               for value in values]
+    return classes, values.index(obj[attribute])

@@ -151,6 +151,8 @@ class EvalConfig(Strict):
     # the per-caption score the paired promotion gate compares (higher is better)
     gate_metric: Literal["clip_score", "r_precision", "attr_colour_shape"] = "clip_score"
     bootstrap_reps: int = Field(1000, ge=100)
+    # one-object captions rephrased and cut to shape or colour only (Luo 2023, sec. 4.6.4)
+    zero_shot_captions: int = Field(64, ge=0)
     grid_prompts: list[str] = [
         "a large red circle",
         "a small blue square",

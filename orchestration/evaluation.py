@@ -3,7 +3,8 @@
 Every score comes from the dataset's reference evaluator (`orchestration.evaluator`), never
 from the model under test: Frechet distance on principal components and KID in its feature
 space, precision/recall/F1, CLIP score, R-precision and, on structured (shapes) captions,
-per-attribute accuracy, each with a 95% bootstrap interval. The per-caption scores are kept,
+per-attribute accuracy and the zero-shot captions of Luo 2023 (sec. 4.6.4: rephrased, shape
+only, colour only), each with a 95% bootstrap interval. The per-caption scores are kept,
 so the promotion gate can compare two models caption by caption. The prior's cosine table
 (Luo 2023, table 4.2) stays in the model's own CLIP space, where the prior works.
 """
@@ -19,7 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipelines.shapes import ATTRIBUTES, attribute_variants, held_out_pair_in
+from data_pipelines.shapes import (
+    ATTRIBUTES,
+    ZERO_SHOT_PROBES,
+    attribute_classes,
+    attribute_variants,
+    held_out_pair_in,
+    zero_shot_prompt,
+)
 from data_pipelines.streaming import image_caption_dataset
 from models.metrics import (
     bootstrap_interval,
@@ -135,6 +143,17 @@ class CaptionScorer:
             scores.append(float(np.mean(hits)))
         return np.asarray(scores)
 
+    def ensemble_hits(self, image_feats, captions: list[str], attribute: str) -> np.ndarray:
+        """[N] 1 where the image's nearest class (the mean of the evaluator's features of every
+        caption with that colour or shape) is its one-object caption's own value."""
+        hits = []
+        for feat, caption in zip(image_feats, captions, strict=True):
+            classes, own = attribute_classes(caption, attribute)
+            centroids = np.stack([self.text(c).mean(axis=0) for c in classes])
+            centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+            hits.append(float(np.argmax(centroids @ feat) == own))
+        return np.asarray(hits)
+
 
 def score_images(scorer: CaptionScorer, *, real_feats: np.ndarray, real_captions: list[str],
                  fake_feats: np.ndarray, captions: list[str], images_per_caption: int,
@@ -208,6 +227,8 @@ def evaluate_pipeline(config: Config, pipeline: UnCLIPPipeline, evaluator: Evalu
     metrics, per_caption = score_images(
         scorer, real_feats=real_feats, real_captions=captions, fake_feats=fake_feats,
         captions=captions, images_per_caption=ev.images_per_caption, config=config)
+    if conditioning == "prior":
+        metrics.update(zero_shot_metrics(config, pipeline, scorer, captions, real_feats, log))
     metrics.update(_model_space_metrics(config, pipeline, captions, real_images))
     train = _train_rows(config, 256)
     novelty = nearest_neighbour_novelty(
@@ -221,6 +242,38 @@ def evaluate_pipeline(config: Config, pipeline: UnCLIPPipeline, evaluator: Evalu
     shown = {k: round(v, 4) for k, v in metrics.items() if not k.endswith(("_lo", "_hi"))}
     log(f"[eval] by {evaluator.identity}: {json.dumps(shown)}")
     return report
+
+
+def zero_shot_metrics(config: Config, pipeline: UnCLIPPipeline, scorer: CaptionScorer,
+                      captions: list[str], real_feats: np.ndarray, log=print) -> dict:
+    """The zero-shot checks of Luo 2023, sec. 4.6.4, on the first `eval.zero_shot_captions`
+    distinct one-object held-out captions: images generated from rephrased captions ("a small
+    rectangle that is gold": colour and shape both right) and from partial ones ("a small
+    rectangle": shape right; "gold": colour right), scored by the reference evaluator against
+    the dataset's own caption. `_real` is the same score of the real test images."""
+    first = {}
+    for index, caption in enumerate(captions):
+        if zero_shot_prompt(caption, "rephrased") and caption not in first:
+            first[caption] = index
+    chosen = list(first)[:config.eval.zero_shot_captions]
+    if not chosen:
+        return {}
+    log(f"[eval] zero-shot: rephrased and partial versions of {len(chosen)} one-object captions")
+    real = real_feats[[first[c] for c in chosen]]
+    metrics = {}
+    for probe in ZERO_SHOT_PROBES:
+        prompts = [zero_shot_prompt(c, probe) for c in chosen]
+        images = pipeline.generate(prompts, seed=config.seed)
+        feats = scorer.evaluator.image_features(images.permute(0, 3, 1, 2).float() / 127.5 - 1)
+        if probe == "rephrased":
+            hits, real_hits = (scorer.attribute(f, chosen, "colour_shape") for f in (feats, real))
+        else:
+            attribute = "shape" if probe == "shape_only" else "colour"
+            hits, real_hits = (scorer.ensemble_hits(f, chosen, attribute) for f in (feats, real))
+        metrics.update(_with_interval(f"zero_shot_{probe}", hits, config.eval.bootstrap_reps,
+                                      config.seed))
+        metrics[f"zero_shot_{probe}_real"] = float(real_hits.mean())
+    return metrics
 
 
 def _model_space_metrics(config: Config, pipeline: UnCLIPPipeline, captions: list[str],

@@ -7,10 +7,23 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.shapes import attribute_variants, caption_objects, held_out_pair_in
+from data_pipelines.shapes import (
+    ZERO_SHOT_PROBES,
+    attribute_classes,
+    attribute_variants,
+    caption_objects,
+    held_out_pair_in,
+    zero_shot_prompt,
+)
 from data_pipelines.storage import StorageError
 from orchestration.config import load_config
-from orchestration.evaluation import CaptionScorer, EvalReport, format_report, score_images
+from orchestration.evaluation import (
+    CaptionScorer,
+    EvalReport,
+    format_report,
+    score_images,
+    zero_shot_metrics,
+)
 from orchestration.evaluator import evaluator_training_config, load_evaluator
 
 
@@ -29,6 +42,40 @@ def test_attribute_variants_change_one_object_attribute_at_a_time():
         attribute_variants(caption, "size")
     assert held_out_pair_in("a large yellow circle", [("yellow", "circle")])
     assert not held_out_pair_in("a large yellow square", [("yellow", "circle")])
+
+
+def test_zero_shot_prompts_and_attribute_classes_of_one_object_captions():
+    assert [zero_shot_prompt("a small red circle", probe) for probe in ZERO_SHOT_PROBES] == [
+        "a small circle that is red", "a small circle", "red"]
+    assert zero_shot_prompt("a small red circle and a large blue square", "rephrased") is None
+    assert zero_shot_prompt("a small red circle at the top left", "shape_only") is None
+    assert zero_shot_prompt("a photo of a dog", "colour_only") is None
+    shapes, own = attribute_classes("a small red circle", "shape")
+    assert own == 3 and len(shapes) == 6
+    assert shapes[0] == [f"a small {c} rectangle" for c in
+                         ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")]
+    colours, own = attribute_classes("a small red circle", "colour")
+    assert own == 0 and len(colours) == 8 and len(colours[1]) == 18  # 3 sizes x 6 shapes
+    assert colours[1][:2] == ["a small green rectangle", "a small green square"]
+
+
+class _OneHotEvaluator:
+    """Features that say only a caption's colour: which colour ensemble an image is nearest."""
+    identity = "one-hot"
+
+    def text_features(self, captions):
+        from data_pipelines.settings import COLOURS
+
+        return np.stack([np.eye(8)[COLOURS.index(caption_objects(c)[0]["colour"])]
+                         for c in captions])
+
+
+def test_ensemble_hits_pick_the_nearest_colour_class():
+    scorer = CaptionScorer(_OneHotEvaluator())
+    images = np.eye(8)[[0, 1, 1]]  # red, green, green
+    hits = scorer.ensemble_hits(images, ["a small red circle", "a large green square",
+                                         "a large blue square"], "colour")
+    assert hits.tolist() == [1.0, 1.0, 0.0]
 
 
 def save_random_evaluator(directory, *, seed: int = 0):
@@ -176,3 +223,10 @@ def test_ci_sized_evaluation_separates_a_perfect_model_from_an_untrained_one(tmp
     assert perfect_own["r_precision_lo"] > noise["r_precision_hi"]
     assert perfect_own["attr_colour_lo"] > noise["attr_colour_hi"]
     assert perfect_own["r_precision"] == pytest.approx(perfect["r_precision_real"])
+    # zero-shot captions: the untrained pipeline's images against the real images' ceiling
+    zero_shot = zero_shot_metrics(config, UnCLIPPipeline.load(tmp_path / "untrained"), scorer,
+                                  captions, real_feats)
+    assert sorted(zero_shot) == sorted(
+        f"zero_shot_{probe}{suffix}" for probe in ZERO_SHOT_PROBES
+        for suffix in ("", "_lo", "_hi", "_real"))
+    assert zero_shot["zero_shot_colour_only_real"] > zero_shot["zero_shot_colour_only_hi"]
