@@ -4,7 +4,8 @@ Both sides are plain PyTorch modules trained in one process with the same data, 
 optimizer (AdamW, lr 3e-4, grad clip 1.0), thread count and number of steps. Steps alternate
 between the two sides (who goes first alternates too), so drift on a shared machine hits
 both alike; the step time is the median over the steps after a warm-up. The loss is measured
-after training on held-out batches with the same timesteps and noise for both sides.
+on held-out batches with the same timesteps and noise for both sides at the end of every call
+(`held_out_curve`) and after training.
 
 Parts (one per command; `--chunk N --state FILE` splits a long run into calls of N steps):
   prior       : width 256, 8 layers, 16 heads, 256-d embeddings, batch 256, no text tokens
@@ -99,6 +100,7 @@ class Side:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
         self.times: list[list[float]] = []  # one list per chunk (each has its own warm-up)
         self.losses: list[float] = []
+        self.curve: list[tuple[int, float]] = []  # (step, held-out loss) at each chunk's end
 
     def step(self, batch: dict) -> None:
         start = time.perf_counter()
@@ -115,12 +117,13 @@ class Side:
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "times": self.times, "losses": self.losses}
+                "times": self.times, "losses": self.losses, "curve": self.curve}
 
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.times, self.losses = state["times"], state["losses"]
+        self.curve = state.get("curve", [])
 
     @property
     def params(self) -> int:
@@ -266,6 +269,8 @@ def run(part: str, steps: int, chunk: int, state_file: str | None) -> dict:
         print(f"step {step + 1}/{steps}: " + ", ".join(
             f"{s.name} {s.times[-1][-1]:.2f} s loss {s.losses[-1]:.3f}" for s in sides),
             file=sys.stderr, flush=True)
+    for side in sides:
+        side.curve.append((end, round(held_out_loss(side, held_out, timesteps), 4)))
     if state_file:
         torch.save({"step": end, **{side.name: side.state() for side in sides}}, state_file)
     if end < steps:
@@ -278,7 +283,7 @@ def run(part: str, steps: int, chunk: int, state_file: str | None) -> dict:
             "params": side.params,
             "median_s_per_step": round(statistics.median(side.warm_times()), 4),
             "train_loss_last5": round(statistics.mean(side.losses[-5:]), 4),
-            "held_out_loss": round(held_out_loss(side, held_out, timesteps), 4)}
+            "held_out_loss": side.curve[-1][1], "held_out_curve": side.curve}
     result["step_time_ratio_ours_vs_theirs"] = round(
         result[ours.name]["median_s_per_step"] / result[theirs.name]["median_s_per_step"], 3)
     return result

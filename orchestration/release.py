@@ -136,7 +136,14 @@ def write_release(model_uri: str, config: Config, out: Path, *, data_uri: str,
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    source_evaluator = load_evaluator(evaluator_uri(config))  # one clear line if missing
+    from data_pipelines.storage import resolve
+
+    if not resolve(evaluator_uri(config)).join("weights.safetensors").exists():
+        raise ConfigError(f"no reference evaluator at {evaluator_uri(config)}: a release ships "
+                          "the evaluator its numbers were made with; run `unclip eval` with this "
+                          "config first (it trains the dataset's evaluator once) or set "
+                          "eval.evaluator.uri")
+    source_evaluator = load_evaluator(evaluator_uri(config))
     with tempfile.TemporaryDirectory(prefix="unclip-release-") as tmp:
         source = resolve_model_uri(model_uri, tracking_uri=config.mlflow.tracking_uri,
                                    dst_dir=Path(tmp) / "model")

@@ -131,3 +131,18 @@ def test_ablations_condition_the_decoder_on_the_true_image_or_the_text(tmp_path,
     assert torch.equal(image_emb, expected) and text_emb is None
     code, _, err = run_cli("eval", "--model", "model", "--conditioning", "clip")
     assert code != 0 and "--conditioning 'clip': use prior, image or text" in err
+
+
+def test_a_release_without_its_evaluator_is_one_line_before_any_work(tmp_path, monkeypatch,
+                                                                     run_cli):
+    monkeypatch.chdir(tmp_path)
+    config = load_config("tiny", SETTINGS)
+    build_shapes(config.data.uri, config.data.shapes, fmt="webdataset", use_ray=False)
+    save_small_pipeline(tmp_path / "model")
+    code, _, err = run_cli("release", "--model", "model", "--out", "release/shapes", "-c", "tiny",
+                           *_sets())
+    assert code != 0
+    assert err.strip().splitlines()[-1].endswith(
+        "a release ships the evaluator its numbers were made with; run `unclip eval` with this "
+        "config first (it trains the dataset's evaluator once) or set eval.evaluator.uri")
+    assert not (tmp_path / "release").exists()
