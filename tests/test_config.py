@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from data_pipelines.storage import StorageError, resolve
 from orchestration.config import ConfigError, flatten, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_shipped_tiny_config_loads_with_absolute_paths(tmp_path, monkeypatch):
@@ -15,6 +19,13 @@ def test_shipped_tiny_config_loads_with_absolute_paths(tmp_path, monkeypatch):
     assert config.mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     assert config.data.build_shapes_if_missing
     assert load_config("configs/tiny.yaml").run_name == "tiny"
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    # every model section is checked by its task too (presets, overrides, cadences)
+    config = load_config(path)
+    assert config.run_name == Path(path).stem
 
 
 def test_overrides_are_typed():
