@@ -40,7 +40,6 @@ def test_the_release_is_small_fp16_weights_with_its_metrics_and_evaluator():
 
 @torch.no_grad()
 def test_the_release_draws_the_colour_of_its_caption():
-    torch.set_num_threads(1)
     pipeline = UnCLIPPipeline.load(RELEASE)
     images = pipeline.generate(CAPTIONS, num_images_per_prompt=2, seed=0, steps=25)
     evaluator = load_evaluator(str(RELEASE / "evaluator"))
