@@ -7,11 +7,14 @@ and other nodes find them without being told:
     <storage_root>/<run_name>/pipeline/register/      the registered version
 A stage (or pipeline step) is complete when its `DONE.json` exists: it is deleted before its
 outputs are rewritten and written after them, so a half-written output is never taken for a
-complete one. Markers live beside their outputs, never in a job's working directory, so a
-job resubmitted on another node sees them.
+complete one. A stage's DONE.json records the steps it trained; asking for more steps
+continues it from its latest checkpoint. Markers live beside their outputs, never in a job's
+working directory, so a job resubmitted on another node sees them.
 """
 
 from __future__ import annotations
+
+import json
 
 from data_pipelines.storage import StorageError, resolve
 
@@ -40,6 +43,16 @@ def pipeline_step_uri(config, step: str) -> str:
 
 def stage_done(config, stage: str) -> bool:
     return resolve(portable_uri(config, stage)).join(DONE_FILE).exists()
+
+
+def trained_steps(config, stage: str) -> int | None:
+    """The steps a complete stage trained (None while it is not complete). Markers written
+    before the step was recorded count as the configured steps."""
+    done = resolve(portable_uri(config, stage)).join(DONE_FILE)
+    if not done.exists():
+        return None
+    step = json.loads(done.read_text()).get("step")
+    return int(step) if step is not None else getattr(config, stage).steps
 
 
 def require_stage(config, stage: str, needed_by: str) -> str:

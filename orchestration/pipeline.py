@@ -33,8 +33,8 @@ from orchestration.layout import (
     DONE_FILE,
     pipeline_step_uri,
     portable_uri,
-    stage_done,
     stage_uri,
+    trained_steps,
 )
 from orchestration.ray_runtime import check_cluster_fits, connect
 from orchestration.stages import STAGES, task_class
@@ -226,7 +226,11 @@ class PipelineRun:
 
     def train(self, stage: str) -> None:
         self.rows[stage]["output"] = portable_uri(self.config, stage)
-        if self.skip(stage, stage_done(self.config, stage)):
+        trained, wanted = trained_steps(self.config, stage), getattr(self.config, stage).steps
+        if trained is not None and trained < wanted:  # until then, the shorter run's weights
+            self.log(f"[pipeline] {stage}: trained {trained} of {wanted} steps; continuing "
+                     "from its latest checkpoint")
+        if self.skip(stage, trained is not None and trained >= wanted):
             self.summary["stages"][stage] = "skipped (complete)"
             return
         result = run_stage(self.config, stage, parent_run_id=self.parent, log=self.log)

@@ -49,7 +49,9 @@ def build_dataset(config) -> None:
     build_shapes(config.data.uri, config.data.shapes, fmt=config.data.format, use_ray=False)
 
 
-def mark_done(config, stage: str, step: int = 1) -> None:
+def mark_done(config, stage: str) -> None:
+    """As a finished stage leaves it: DONE.json records the configured steps."""
+    step = getattr(config, stage).steps
     resolve(portable_uri(config, stage)).join(DONE_FILE).write_text(
         json.dumps({"step": step, "finished_unix": float(step)}))
 

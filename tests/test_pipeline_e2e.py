@@ -1,5 +1,6 @@
 """The whole DAG as a Ray job on a separate Ray head, tracked by a real `mlflow server`:
-submitted, stopped mid-stage, resubmitted, finished without redoing the finished stages."""
+submitted, stopped mid-stage, resubmitted, finished without redoing the finished stages; then
+resubmitted asking for more decoder steps, which continues the decoder from its checkpoint."""
 
 from __future__ import annotations
 
@@ -63,14 +64,26 @@ def test_submitted_pipeline_stopped_mid_stage_then_resubmitted(tmp_path, mlflow_
         status = wait_for_job(head.address, second, timeout_s=900)
         logs = _logs(head.address, second)
         assert str(status) == "SUCCEEDED", logs[-3000:]
-    assert "clip: complete, skipping" in logs and "prior: complete, skipping" in logs
-    assert (tmp_path / "runs/e2e/clip/portable/DONE.json").read_text() == clip_done
-    assert (tmp_path / "runs/e2e/prior/portable/DONE.json").read_text() == prior_done
-    assert json.loads((decoder_dir / "portable/DONE.json").read_text())["step"] == 16
+        assert "clip: complete, skipping" in logs and "prior: complete, skipping" in logs
+        assert (tmp_path / "runs/e2e/clip/portable/DONE.json").read_text() == clip_done
+        assert (tmp_path / "runs/e2e/prior/portable/DONE.json").read_text() == prior_done
+        assert json.loads((decoder_dir / "portable/DONE.json").read_text())["step"] == 16
+        versions = list_versions("e2e-model", tracking_uri=mlflow_server)
+        assert len(versions) == 1 and set(versions[0]["aliases"]) == {"candidate", "champion"}
+
+        # more decoder steps: the complete decoder continues from its 16-step checkpoint
+        longer = submit(head.address, args + ["--set", "decoder.steps=24"],
+                        config_path="configs/tiny.yaml")
+        status = wait_for_job(head.address, longer, timeout_s=900)
+        logs = _logs(head.address, longer)
+        assert str(status) == "SUCCEEDED", logs[-3000:]
+    assert "decoder: trained 16 of 24 steps; continuing from its latest checkpoint" in logs
+    assert "prior: complete, skipping" in logs
+    assert json.loads((decoder_dir / "portable/DONE.json").read_text())["step"] == 24
+    versions = list_versions("e2e-model", tracking_uri=mlflow_server)
+    assert [v["version"] for v in versions] == [1, 2] and "candidate" in versions[1]["aliases"]
 
     client = MlflowClient(mlflow_server)
-    versions = list_versions("e2e-model", tracking_uri=mlflow_server)
-    assert len(versions) == 1 and set(versions[0]["aliases"]) == {"candidate", "champion"}
     assert "eval/fd_clip" in versions[0]["metrics"]
     runs = client.search_runs([client.get_experiment_by_name("unclip-tiny").experiment_id])
     by_stage = {r.data.tags.get("unclip.stage"): r for r in runs}
@@ -78,8 +91,8 @@ def test_submitted_pipeline_stopped_mid_stage_then_resubmitted(tmp_path, mlflow_
     assert {"eval/fd_clip", "eval/precision", "eval/clip_score"} <= set(parent.data.metrics)
     for stage in ("clip", "prior", "decoder"):
         assert by_stage[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id
-    # the decoder resumed in its own MLflow run: steps from before and after the stop
-    steps = {m.step for m in client.get_metric_history(by_stage["decoder"].info.run_id, "loss")}
-    assert {2, 4, 16} <= steps
+    # the decoder resumed and continued in its own MLflow run: every logged step once
+    steps = [m.step for m in client.get_metric_history(by_stage["decoder"].info.run_id, "loss")]
+    assert sorted(set(steps)) == list(range(2, 25, 2))
     assert "eval/samples.png" in {a.path for a in client.list_artifacts(parent.info.run_id,
                                                                         "eval")}
