@@ -26,7 +26,10 @@ def pipeline_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
            "data.shapes.train_size=160", "data.shapes.test_size=32",
            "data.shapes.samples_per_shard=80", "decoder.overrides={num_timesteps: 20}",
            "prior.overrides={num_timesteps: 20}", "sampling.decoder_steps=4",
-           "sampling.prior_steps=4", "eval.num_captions=8"]
+           "sampling.prior_steps=4", "eval.num_captions=8",
+           # a short reference evaluator: this test is about the bookkeeping, not its scores
+           "eval.evaluator.clip.steps=16", "eval.evaluator.clip.batch_size=8",
+           "eval.evaluator.clip.checkpoint_every=16"]
     for stage, steps in (("clip", 8), ("prior", 8), ("decoder", 16)):
         out += [f"{stage}.steps={steps}", f"{stage}.batch_size=8", f"{stage}.log_every=2",
                 f"{stage}.checkpoint_every=4", f"{stage}.keep_checkpoints=1"]
