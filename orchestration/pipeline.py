@@ -267,6 +267,9 @@ class PipelineRun:
                     {f"eval/{k}": v for k, v in self.metrics.items()}, step=0)
         set_tags(self.client, self.parent, {"eval.evaluator": report.evaluator})
         log_text(self.client, self.parent, report.to_json(), "eval/evaluation.json")
+        # kept per weights too: a later version of the same run name replaces the file above,
+        # and the gate must find the champion's own report
+        log_text(self.client, self.parent, report.to_json(), report_artifact(self.config))
         from PIL import Image
 
         for name in ("samples.png", "eval_real_vs_generated.png"):
@@ -344,7 +347,7 @@ def _register(config: Config, parent: str, metrics: dict, log) -> dict:
         [client.get_run(parent).info.experiment_id],
         filter_string=f"tags.`unclip.run_key` = '{config.run_name}/{stage}'",
         max_results=1)[0].info.run_id for stage in STAGES}
-    marker = hashlib.sha256(trained_marker(config).encode()).hexdigest()[:16]
+    marker = weights_marker(config)
     version = find_version(client, config.mlflow.registered_model, marker)
     if version is not None:  # registered before a crash that lost the record
         log(f"[register] version {version} already holds these weights")
@@ -374,19 +377,30 @@ def _register(config: Config, parent: str, metrics: dict, log) -> dict:
             "reason": reason}
 
 
+def weights_marker(config: Config) -> str:
+    """Short hash of the three stages' completion records: which weights a version holds."""
+    return hashlib.sha256(trained_marker(config).encode()).hexdigest()[:16]
+
+
+def report_artifact(config: Config, marker: str | None = None) -> str:
+    return f"eval/by_weights/{marker or weights_marker(config)}.json"
+
+
 def champion_report(config: Config, version: int | str, candidate: EvalReport,
                     log) -> EvalReport:
     """The champion's evaluation on the candidate's captions, seeds and evaluator: the one
-    stored with it when it matches, else a fresh one (same code, same evaluator)."""
-    from orchestration.registry import SOURCE_RUN_TAG, resolve_model_uri
+    stored for its weights when it matches, else a fresh one (same code, same evaluator)."""
+    from orchestration.registry import SOURCE_RUN_TAG, WEIGHTS_TAG, resolve_model_uri
 
     client = client_for(config.mlflow.tracking_uri)
     name = config.mlflow.registered_model
-    source = client.get_model_version(name, str(version)).tags.get(SOURCE_RUN_TAG)
-    if source:
+    tags = client.get_model_version(name, str(version)).tags
+    source, weights = tags.get(SOURCE_RUN_TAG), tags.get(WEIGHTS_TAG)
+    if source and weights:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                path = client.download_artifacts(source, "eval/evaluation.json", tmp)
+                path = client.download_artifacts(
+                    source, report_artifact(config, weights), tmp)
                 stored = EvalReport.from_json(Path(path).read_text())
                 if candidate.comparable_with(stored) is None:
                     return stored

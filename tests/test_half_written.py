@@ -257,3 +257,47 @@ def test_parent_run_left_running_by_a_killed_driver_is_ended_on_rerun(tmp_path, 
     assert "ended KILLED" in run.data.tags[INTERRUPTED_TAG]
     assert run.data.tags[INTERRUPTIONS_TAG] == "1"
     assert any("was left RUNNING by an attempt that was killed" in line for line in lines)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_gate_compares_a_continued_run_with_the_champions_own_report(tmp_path, shapes_uri,
+                                                                     monkeypatch):
+    """A second version from the same run name (a stage continued with more steps) shares the
+    parent MLflow run, whose eval/evaluation.json it replaces; the gate still scores the
+    champion by the report made for the champion's weights, not the candidate's."""
+    import torch
+
+    from orchestration.evaluation import EvalReport
+    from orchestration.stages import task_class
+    from orchestration.tasks.base import save_portable
+
+    config = load_config("tiny", overrides(tmp_path, shapes_uri, str(tmp_path / "runs")))
+    save_components(config)
+    finished_stage_runs(config)
+    monkeypatch.chdir(tmp_path)
+    PipelineRun(config, ["eval", "register"], forced=set(), log=lambda line: None).run()
+    first = EvalReport.from_json(
+        resolve(pipeline_step_uri(config, "eval")).join("evaluation.json").read_text())
+
+    torch.manual_seed(1)  # the decoder trained further: other weights, a new DONE.json
+    task = task_class("decoder")(config)
+    model = task.build_model()
+    with torch.no_grad():  # its output layer starts at zero: move every weight
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    save_portable(portable_uri(config, "decoder"), "decoder", model, task.model_config(model))
+    resolve(portable_uri(config, "decoder")).join(DONE_FILE).write_text(
+        json.dumps({"step": config.decoder.steps, "finished_unix": 2.0}))
+    used = []
+    real = pipeline_module.champion_report
+    monkeypatch.setattr(pipeline_module, "champion_report",
+                        lambda *args: used.append(real(*args)) or used[-1])
+    lines: list[str] = []
+    summary = PipelineRun(config, ["eval", "register"], forced=set(), log=lines.append).run()
+    second = EvalReport.from_json(
+        resolve(pipeline_step_uri(config, "eval")).join("evaluation.json").read_text())
+
+    assert summary["registry"]["version"] == 2
+    assert second.per_caption != first.per_caption  # other weights, other scores
+    assert [report.per_caption for report in used] == [first.per_caption]
+    assert not any("scoring champion" in line for line in lines)  # found, not re-scored
