@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import requests
 import torch
+from loopback import free_port
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -81,14 +82,6 @@ def save_tiny_pipeline(directory: Path) -> Path:
 
 def decode_png(text: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(text)))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:

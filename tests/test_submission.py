@@ -14,7 +14,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
+from loopback import free_ports
 from typer.testing import CliRunner
 
 from orchestration.config import ConfigError, load_config
@@ -46,12 +46,6 @@ from orchestration.submission import (
 )
 
 CLOSED_ADDRESS = "http://127.0.0.1:9"  # the discard port: nothing listens there
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -114,12 +108,13 @@ def ray_head_process(num_cpus: int = 2, start_timeout: float = 180.0):
     token = secrets.token_hex(32)
     # Short path: Ray's unix sockets live under it and AF_UNIX paths stop at 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
-    gcs_port, dashboard_port = _free_port(), _free_port()
     worker_base = random.randrange(20000, 32000, 200)
-    ports = {flag: _free_port() for flag in (
-        "--ray-client-server-port", "--dashboard-agent-listen-port",
-        "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-        "--node-manager-port", "--object-manager-port")}
+    flags = ("--ray-client-server-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+             "--node-manager-port", "--object-manager-port")
+    # Distinct by construction: two separately picked free ports can coincide.
+    gcs_port, dashboard_port, *component_ports = free_ports(2 + len(flags))
+    ports = dict(zip(flags, component_ports, strict=True))
     command = [
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
         "--node-ip-address=127.0.0.1", f"--port={gcs_port}",

@@ -97,6 +97,22 @@ def test_divergence_rule():
     assert "val_loss is inf" in callback._divergence({"loss": 1.0, "val_loss": math.inf})
 
 
+def test_trial_status_divergence_outranks_an_error_raised_while_stopping():
+    from types import SimpleNamespace
+
+    from tuning.lr_sweep import _reason, _status
+
+    stopped = SimpleNamespace(error=RuntimeError("worker group shut down\ntraceback..."))
+    clean = SimpleNamespace(error=None)
+    flagged = {"diverged": 1, "diverged_reason": "loss is nan", "step": 4}
+    assert _status(stopped, flagged, 8) == "diverged"
+    assert _reason(stopped, flagged) == "loss is nan (then, while stopping: worker group shut down)"
+    assert _status(stopped, {"diverged": 0, "step": 4}, 8) == "error"
+    assert _reason(stopped, {"step": 4}) == "worker group shut down"
+    assert [_status(clean, {"diverged": 0, "step": step}, 8) for step in (4, 8)] == [
+        "stopped_early", "completed"]
+
+
 def test_best_row_prefers_completed_trials():
     rows = [{"trial_id": "a", "val_loss": 0.5, "status": "stopped_early"},
             {"trial_id": "b", "val_loss": 0.9, "status": "completed"},
@@ -139,6 +155,7 @@ def test_lr_sweep_early_stops_records_divergence_and_writes_best_config(tmp_path
     result = run_lr_sweep(config, stage="clip", num_samples=1, max_concurrent=1,
                           extra_space=space)
     by_lr = {row["lr"]: row for row in result.rows}
+    print(trial_table_markdown(result.rows))  # shown when an assertion below fails
     assert by_lr[2e-3]["status"] == "completed" and by_lr[2e-3]["step"] == 8
     assert by_lr[1e-7]["status"] == "stopped_early" and by_lr[1e-7]["step"] == 4
     assert by_lr[1e30]["status"] == "diverged" and "nan" in by_lr[1e30]["reason"]

@@ -313,11 +313,21 @@ def _short(key: str, stage: str) -> str:
 
 
 def _status(result, metrics: dict, total_steps: int) -> str:
-    if result.error is not None:
-        return "error"
+    # Divergence first: once flagged, the trial is being stopped, and an error raised on the
+    # way out (the stop reaching a run that is still writing) is a consequence, not the cause.
     if metrics.get(DIVERGED) == 1:
         return "diverged"
+    if result.error is not None:
+        return "error"
     return "completed" if metrics.get("step") == total_steps else "stopped_early"
+
+
+def _reason(result, metrics: dict) -> str:
+    error = str(result.error).strip().splitlines()[0][:200] if result.error else ""
+    diverged = metrics.get("diverged_reason") or ""
+    if diverged and error:
+        return f"{diverged} (then, while stopping: {error})"
+    return diverged or error
 
 
 def trial_rows(grid, config: Config, stage: str) -> list[dict]:
@@ -336,8 +346,7 @@ def trial_rows(grid, config: Config, stage: str) -> list[dict]:
             "step": metrics.get("step"),
             "evaluations": metrics.get("training_iteration", 0),
             "status": _status(result, metrics, total),
-            "reason": metrics.get("diverged_reason") or (
-                str(result.error).strip().splitlines()[0][:200] if result.error else ""),
+            "reason": _reason(result, metrics),
             "_params": params,
         })
     return sorted(rows, key=lambda row: row["trial_id"])
