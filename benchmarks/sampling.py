@@ -7,7 +7,8 @@ own so the decoder's ratio is reported beside the whole call's. DDIM's ceiling i
 ratio T/steps (Song et al. 2021, sec. 4.2): a 300-step decoder gives DDIM-50 at most 6x, so
 DDIM at T/15 steps is timed too. With `--model` and `--quality`, each sampler's images are
 also scored by the dataset's reference evaluator (`unclip eval`'s code) and the change in
-every metric is reported; without `--model` the config's architecture runs with random
+every metric is reported (a release, e.g. `--model release/shapes`, brings its own eval config
+and evaluator); without `--model` the config's architecture runs with random
 weights (sampling costs the same as with trained ones), speed only.
 
 Serving: one replica (1 CPU) of `unclip serve`; `--requests` single-image requests without a
@@ -187,9 +188,19 @@ def serve_rate(model_uri: str, tracking_uri: str, requests: int, repeats: int) -
         medians["concurrent_images_per_s"] / medians["sequential_images_per_s"], 2)}
 
 
+def _config(path: str | None, model: str | None, overrides: list[str]):
+    from orchestration.config import load_config
+    from orchestration.release import is_release, release_config
+
+    if path is None and model and is_release(model):
+        return release_config(model, overrides)
+    return load_config(path or str(REPO / "configs" / "shapes-paper.yaml"), overrides)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", default=str(REPO / "configs" / "shapes-paper.yaml"))
+    parser.add_argument("-c", "--config", help="default: a release's own eval.yaml (with its "
+                        "evaluator), else configs/shapes-paper.yaml")
     parser.add_argument("--set", action="append", default=[], help="config overrides")
     parser.add_argument("--model", help="a trained model URI (default: random weights)")
     parser.add_argument("--quality", action="store_true",
@@ -207,15 +218,13 @@ def main() -> None:
 
     import torch
 
-    from orchestration.config import load_config
-
     torch.set_num_threads(args.threads)
-    config = load_config(args.config, args.set)
+    config = _config(args.config, args.model, args.set)
     model_uri = args.model or random_pipeline(
         config, Path(tempfile.mkdtemp(prefix="sampling-random-")) / "pipeline")
     result = {"date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "config": args.config, "model": args.model or "random weights",
+              "config": args.config or "(default)", "model": args.model or "random weights",
               "torch_threads": args.threads, "repeats": args.repeats}
     if "samplers" in args.only:
         pipeline = load_pipeline(model_uri, config)

@@ -61,3 +61,15 @@ def test_sampling_benchmark_times_ddim_at_the_step_ratio_the_goal_needs():
                           {"ddpm_full": {}, "ddim_50": {}})
     assert ratios == {"ddpm_full_over_ddim_50": 5.17,
                       "ddpm_full_over_ddim_50_decoder_only": 6.0}
+
+
+def test_sampling_benchmark_scores_a_release_with_its_own_evaluator():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from sampling import _config
+
+    release = REPO / "release" / "shapes"
+    config = _config(None, str(release), ["eval.num_captions=48"])
+    assert config.eval.evaluator.uri == str(release / "evaluator")
+    assert config.eval.num_captions == 48 and config.run_name == "shapes-2h"
+    assert _config(None, None, []).run_name == load_config(
+        str(REPO / "configs" / "shapes-paper.yaml")).run_name
