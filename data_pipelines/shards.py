@@ -244,9 +244,14 @@ def _listed_sizes(locations: list[Location]) -> dict[tuple[bool, str], int]:
 
 
 def manifest_hash(uri: str) -> str:
-    """A short content hash of the manifest, for lineage tags."""
-    text = resolve(uri).join(MANIFEST_NAME).read_bytes()
-    return hashlib.sha256(text).hexdigest()[:16]
+    """A short hash of the dataset's manifest, for lineage tags and the evaluator's cache key.
+
+    Everything but the build time goes in: shards are byte-identical for identical inputs, so
+    rebuilding a dataset from the same recipe keeps its identity (its evaluator, and the
+    numbers a release was scored with, stay comparable)."""
+    body = json.loads(resolve(uri).join(MANIFEST_NAME).read_bytes())
+    body.pop("created_unix", None)
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_output_free(out: Location, overwrite: bool) -> None:

@@ -267,14 +267,31 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, parsed
 
 
+def _default_section(path: list[str]) -> dict:
+    """The schema's default for the section at `path`, as a dict ({} where it has none), so
+    that `--set a.b.c=1` on a section the file leaves out changes one key of its defaults
+    rather than replacing them all."""
+    node: Any = Config
+    for part in path:
+        if isinstance(node, BaseModel):
+            node = getattr(node, part, None)
+        elif isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            field = node.model_fields[part]
+            default = field.get_default(call_default_factory=True)
+            node = default if isinstance(default, BaseModel) else field.annotation
+        else:
+            return {}
+    return node.model_dump(mode="json") if isinstance(node, BaseModel) else {}
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
         parts, value = parse_override(item)
         node = raw
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
-                child = node[part] = {}
+                child = node[part] = _default_section(parts[:depth + 1])
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item}: {part!r} is a value, not a section")
             node = child

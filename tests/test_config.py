@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines.storage import StorageError, resolve
-from orchestration.config import ConfigError, flatten, load_config
+from orchestration.config import ConfigError, EvaluatorConfig, flatten, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -33,6 +33,21 @@ def test_overrides_are_typed():
                                   "data.preprocess.crop_scale=[0.5, 0.9]", "ray.address=null"])
     assert config.clip.steps == 7 and config.deepspeed.zero_stage == 2
     assert config.data.preprocess.crop_scale == (0.5, 0.9)
+
+
+def test_override_inside_a_section_the_file_leaves_out_keeps_its_defaults(tmp_path):
+    # the release's eval.yaml names only the evaluator's uri: one --set on its CLIP section
+    # changes that key, the preset, batch and learning rate stay the schema's
+    path = tmp_path / "short.yaml"
+    path.write_text("run_name: short\ndata: {uri: data/shapes}\neval: {evaluator: {uri: x}}\n")
+    default = EvaluatorConfig().clip
+    config = load_config(path, ["eval.evaluator.clip.steps=6000",
+                                "eval.evaluator.clip.optim.weight_decay=0.2"], check_models=False)
+    clip = config.eval.evaluator.clip
+    assert (clip.steps, clip.optim.weight_decay) == (6000, 0.2)
+    assert (clip.preset, clip.batch_size, clip.optim.lr) == (default.preset, default.batch_size,
+                                                              default.optim.lr)
+    assert config.eval.evaluator.uri.endswith("x")
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [

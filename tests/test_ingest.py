@@ -18,7 +18,12 @@ from PIL import Image
 
 from data_pipelines.images import BadImage, decode_image
 from data_pipelines.ingest import IngestError, ingest
-from data_pipelines.shards import MANIFEST_NAME, iter_webdataset_members, read_manifest
+from data_pipelines.shards import (
+    MANIFEST_NAME,
+    iter_webdataset_members,
+    manifest_hash,
+    read_manifest,
+)
 from data_pipelines.storage import StorageError
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -232,6 +237,13 @@ def test_image_folder_keys_splits_and_determinism(messy_ingest, messy_folder, tm
     assert shards == [s for info in read_manifest(str(again)).splits.values() for s in info.shards]
     for shard in shards:
         assert (out / shard).read_bytes() == (again / shard).read_bytes()
+    # the rebuild has its own build time but the same identity (the evaluator's cache key)
+    assert json.loads((again / MANIFEST_NAME).read_text())["created_unix"] != \
+        json.loads((out / MANIFEST_NAME).read_text())["created_unix"]
+    assert manifest_hash(str(again)) == manifest_hash(str(out))
+    other = tmp_path / "other"
+    ingest(str(messy_folder), str(other), samples_per_shard=3, max_skip_fraction=0.5)
+    assert manifest_hash(str(other)) != manifest_hash(str(out))
 
 
 def test_test_fraction_and_seed_move_samples_between_splits(tmp_path):
