@@ -328,7 +328,8 @@ def evaluate(
 @app.command("release")
 def release(
     model: Annotated[str, typer.Option(
-        help="models:/NAME@alias, models:/NAME/VERSION, runs:/ID/path or a pipeline folder")],
+        help="models:/NAME@alias, models:/NAME/VERSION, runs:/ID/path, a pipeline folder, or "
+             "a release (rescored, e.g. with a new evaluator; its lineage is kept)")],
     out: Annotated[str, typer.Option(help="Release folder to write (e.g. release/shapes)")],
     config: ConfigOpt = None,
     set_: SetOpt = None,

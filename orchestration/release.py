@@ -99,6 +99,13 @@ def _source_lineage(model_uri: str, tracking_uri: str) -> dict:
     """Registered name/version and the version's lineage and metric tags, when registered."""
     from orchestration.registry import _connect, _get_version, model_version
 
+    if is_release(model_uri):  # re-released (e.g. with a better evaluator): same source
+        earlier = read_release(model_uri)
+        return earlier["source"] | {"re_released_from": {
+            "created_utc": earlier["created_utc"], "git_commit": earlier["git_commit"],
+            "evaluator": earlier["evaluator"]["identity"],
+            "metrics": {k: v for k, v in earlier["eval"]["metrics"].items()
+                        if isinstance(v, int | float) and not k.endswith(("_lo", "_hi"))}}}
     lineage: dict = {"model_uri": model_uri}
     if not model_uri.startswith("models:"):
         return lineage

@@ -93,6 +93,24 @@ def test_a_release_is_fp16_loads_as_a_pipeline_and_re_checks_its_numbers(tmp_pat
         name, now, released = row.split()
         assert now == released, name
 
+    # re-released with another evaluator: the same weights, rescored, the lineage kept
+    save_random_evaluator(tmp_path / "ev2", seed=1)
+    weights = {name: load_file(str(release / f"{name}.safetensors")) for name in COMPONENTS}
+    code, out, err = run_cli("release", "--model", "release/shapes", "--out", "release/shapes",
+                             "--overwrite", "-c", "tiny",
+                             *_sets(f"eval.evaluator.uri={tmp_path / 'ev2'}"))
+    assert code == 0, err
+    for name in COMPONENTS:
+        rewritten = load_file(str(release / f"{name}.safetensors"))
+        assert all(torch.equal(rewritten[k], weights[name][k]) for k in weights[name]), name
+    again = json.loads((release / "release.json").read_text())
+    assert again["evaluator"]["trained_as"] == load_evaluator(str(tmp_path / "ev2")).identity
+    assert again["evaluator"]["identity"] != facts["evaluator"]["identity"]
+    earlier = again["source"].pop("re_released_from")
+    assert again["source"] == facts["source"]
+    assert earlier["evaluator"] == facts["evaluator"]["identity"]
+    assert earlier["metrics"]["attr_colour"] == facts["eval"]["metrics"]["attr_colour"]
+
 
 @pytest.mark.usefixtures("ray_session")
 def test_ablations_condition_the_decoder_on_the_true_image_or_the_text(tmp_path, monkeypatch,
