@@ -73,3 +73,18 @@ def test_sampling_benchmark_scores_a_release_with_its_own_evaluator():
     assert config.eval.num_captions == 48 and config.run_name == "shapes-2h"
     assert _config(None, None, []).run_name == load_config(
         str(REPO / "configs" / "shapes-paper.yaml")).run_name
+
+
+def test_clip_table_counts_the_thesis_metrics_over_distinct_captions():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import numpy as np
+    from clip_table import table_from_features
+
+    captions = ["a red circle", "a blue square", "a red circle", "a green triangle"]
+    text = np.eye(4)[[0, 1, 0, 2]]
+    image = text.copy()
+    image[3] = [1.0, 0.2, 0, 0]  # the triangle looks most like a red circle
+    table = table_from_features(captions, image, text)
+    assert (table["samples"], table["distinct_captions"]) == (4, 3)
+    assert table["zero_shot_top1"] == 0.75 and table["zero_shot_top5"] == 1.0
+    assert table["matching_pair_cosine"] == round((3 + 0) / 4, 4)
