@@ -57,12 +57,14 @@ def clip_table(embeddings_uri: str, seed: int = 0) -> dict:
 def clip_table_of_folder(clip_uri: str, config_path: str, seed: int = 0) -> dict:
     """The table for any portable CLIP folder (e.g. a reference evaluator) on the config's
     whole test split, embedding it here (no run, no embed step needed)."""
+    from data_pipelines.shards import read_manifest
     from orchestration.config import load_config
     from orchestration.evaluation import held_out_rows
     from orchestration.evaluator import load_evaluator
 
     config = load_config(config_path)
-    rows = held_out_rows(config, config.data.shapes.test_size)
+    # the whole test split as the manifest counts it (any dataset, not only shapes)
+    rows = held_out_rows(config, read_manifest(config.data.uri).splits["test"].num_samples)
     captions = [str(c) for c in rows["caption"]]
     evaluator = load_evaluator(clip_uri)
     image = evaluator.image_features(torch.from_numpy(np.array(rows["image"])))
