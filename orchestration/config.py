@@ -94,7 +94,9 @@ class StageConfig(Strict):
     preset: str
     overrides: dict[str, Any] = {}
     batch_size: int = Field(64, ge=1)  # per worker
-    steps: int = Field(500, ge=1)
+    # 0 with init_from: the stage takes init_from's weights as they are, untrained (e.g. a
+    # release's CLIP and prior, so that only its decoder trains on)
+    steps: int = Field(500, ge=0)
     grad_accum: int = Field(1, ge=1)
     optim: OptimConfig = OptimConfig()
     log_every: int = Field(20, ge=1)  # steps between loss/throughput lines and metrics
@@ -112,6 +114,9 @@ class StageConfig(Strict):
 
     @model_validator(mode="after")
     def _check_cadence(self) -> StageConfig:
+        if self.steps == 0 and not self.init_from:
+            raise ValueError("steps is 0 without init_from; set steps >= 1 to train, or "
+                             "init_from to take that model's weights untrained")
         if self.eval_every and self.checkpoint_every % self.eval_every:
             raise ValueError(
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of eval_every "

@@ -55,6 +55,12 @@ def trained_steps(config, stage: str) -> int | None:
     return int(step) if step is not None else getattr(config, stage).steps
 
 
+def adopted_from(config, stage: str) -> str | None:
+    """Where a complete `steps: 0` stage took its weights from (None for a trained one)."""
+    done = resolve(portable_uri(config, stage)).join(DONE_FILE)
+    return json.loads(done.read_text()).get("adopted_from") if done.exists() else None
+
+
 def require_stage(config, stage: str, needed_by: str) -> str:
     """The portable weights of a finished `stage`, or one line saying how to make them."""
     uri = portable_uri(config, stage)

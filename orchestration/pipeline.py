@@ -31,6 +31,7 @@ from orchestration.evaluation import EvalReport, assemble_pipeline, evaluate_pip
 from orchestration.evaluator import ensure_evaluator, evaluator_uri
 from orchestration.layout import (
     DONE_FILE,
+    adopted_from,
     pipeline_step_uri,
     portable_uri,
     stage_uri,
@@ -230,7 +231,10 @@ class PipelineRun:
         if trained is not None and trained < wanted:  # until then, the shorter run's weights
             self.log(f"[pipeline] {stage}: trained {trained} of {wanted} steps; continuing "
                      "from its latest checkpoint")
-        if self.skip(stage, trained is not None and trained >= wanted):
+        complete = trained is not None and trained >= wanted
+        if wanted == 0:  # weights taken untrained: complete while taken from the same source
+            complete = adopted_from(self.config, stage) == self.config.stage(stage).init_from
+        if self.skip(stage, complete):
             self.summary["stages"][stage] = "skipped (complete)"
             return
         result = run_stage(self.config, stage, parent_run_id=self.parent, log=self.log)

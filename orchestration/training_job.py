@@ -66,6 +66,8 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
     manifest = ensure_dataset(config, log=log)
     for upstream in task.requires:
         require_stage(config, upstream, f"{stage} training")
+    if task.stage.steps == 0:
+        return adopt_weights(config, stage, parent_run_id, tags, log)
     train_samples = task.train_samples(manifest)
     check_batch_fits(config, stage, train_samples)
     budget = (bad_record_budget(config.data.max_skip_fraction)
@@ -227,10 +229,18 @@ def resolve_init_from(init_from: str, config: Config, stage: str) -> str:
     """Fine-tuning source -> portable weights every worker can read.
 
     Accepts portable weights (a folder or URI holding config.json + weights.safetensors, e.g.
-    <storage_root>/<run>/<stage>/portable of an earlier run) or a registered model
-    (models:/NAME@alias, models:/NAME/VERSION), whose `stage` component is exported first.
+    <storage_root>/<run>/<stage>/portable of an earlier run), a registered model
+    (models:/NAME@alias, models:/NAME/VERSION, runs:/ID/path) or a saved pipeline or release
+    folder (e.g. release/shapes); of a whole pipeline, its `stage` component is exported first.
     """
-    if init_from.startswith(("models:/", "runs:/")):
+    whole_pipeline = init_from.startswith(("models:/", "runs:/"))
+    if not whole_pipeline:
+        source = resolve(init_from)
+        if source.join("config.json").exists():
+            if source.join("weights.safetensors").exists():
+                return init_from
+            whole_pipeline = not source.is_s3  # a saved pipeline or release folder
+    if whole_pipeline:
         from models.unclip_pipeline import UnCLIPPipeline
         from orchestration.registry import resolve_model_uri
         from orchestration.tasks.base import save_portable
@@ -240,9 +250,30 @@ def resolve_init_from(init_from: str, config: Config, stage: str) -> str:
         target = f"{stage_uri(config, stage)}/init"
         save_portable(target, stage, module, task_class(stage)(config).model_config(module))
         return target
-    if resolve(init_from).join("config.json").exists():
-        return init_from
     raise StorageError(
-        f"{stage}.init_from: no portable weights (config.json + weights.safetensors) at "
-        f"{init_from}; use <storage_root>/<run_name>/<stage>/portable of an earlier run or "
-        "models:/NAME@alias")
+        f"{stage}.init_from: no weights at {init_from}; use portable weights (config.json + "
+        "weights.safetensors, e.g. <storage_root>/<run_name>/<stage>/portable of an earlier "
+        "run), a saved pipeline or release folder, or models:/NAME@alias")
+
+
+def adopt_weights(config: Config, stage: str, parent_run_id: str | None, tags: dict | None,
+                  log) -> StageResult:
+    """`steps: 0`: the stage's weights are init_from's as they are (e.g. a release's CLIP, so
+    that only its decoder trains on), exported to <stage>/portable and marked complete; the
+    marker and the stage's MLflow run say where they came from."""
+    source = config.stage(stage).init_from
+    run_id = _stage_run(config, stage, parent_run_id,
+                        {**(tags or {}), "stage.adopted_from": source})
+    portable = resolve(resolve_init_from(source, config, stage))
+    target = resolve(portable_uri(config, stage))
+    target.join(DONE_FILE).delete()
+    for name in ("config.json", "weights.safetensors"):
+        target.join(name).write_bytes(portable.join(name).read_bytes())
+    done = {"step": 0, "adopted_from": source, "finished_unix": time.time()}
+    target.join(DONE_FILE).write_text(json.dumps(done, indent=2))
+    from orchestration.tracking import client_for
+
+    client_for(config.mlflow.tracking_uri).set_terminated(run_id, status="FINISHED")
+    log(f"[{stage}] steps 0: took the weights of {source} untrained; at "
+        f"{portable_uri(config, stage)}; MLflow run {run_id}")
+    return StageResult(stage, run_id, portable_uri(config, stage), {})

@@ -66,6 +66,7 @@ def test_override_inside_a_section_the_file_leaves_out_keeps_its_defaults(tmp_pa
     (["scaling.num_workers=0"], "scaling.num_workers: Input should be greater than or equal to 1 "
                                 "(got 0); fix it in the file or with --set scaling.num_workers"),
     (["clip.steps=ten"], "clip.steps: Input should be a valid integer"),
+    (["decoder.steps=0"], "decoder: steps is 0 without init_from; set steps >= 1"),
     (["clip.batch_size=1"], "clip.batch_size: CLIP's contrastive loss needs at least 2 "
                             "image-text pairs per step over all workers"),
 ])

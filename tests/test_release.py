@@ -164,3 +164,26 @@ def test_a_release_without_its_evaluator_is_one_line_before_any_work(tmp_path, m
         "a release ships the evaluator its numbers were made with; run `unclip eval` with this "
         "config first (it trains the dataset's evaluator once) or set eval.evaluator.uri")
     assert not (tmp_path / "release").exists()
+
+
+def test_a_release_folder_as_init_from_gives_its_component(tmp_path, monkeypatch):
+    """A saved pipeline (or a release: the same layout) as a stage's init_from: that component
+    is exported as portable weights equal to the pipeline's, which a `steps: 0` stage takes
+    as they are."""
+    from orchestration.tasks.base import load_portable
+    from orchestration.training_job import resolve_init_from
+
+    monkeypatch.chdir(tmp_path)
+    save_small_pipeline(tmp_path / "model")
+    config = load_config("tiny", SETTINGS + ["decoder.steps=0", "decoder.init_from=model"])
+    portable = resolve_init_from("model", config, "decoder")
+    assert portable == f"{tmp_path}/runs/tiny/decoder/init"
+    component, decoder = load_portable(portable)
+    expected = UnCLIPPipeline.load(tmp_path / "model").decoder.state_dict()
+    assert component == "decoder"
+    assert decoder.state_dict().keys() == expected.keys()
+    assert all(torch.equal(decoder.state_dict()[k], v) for k, v in expected.items())
+    # its exported portable weights are themselves a valid init_from, taken as they are
+    assert resolve_init_from(portable, config, "decoder") == portable
+    with pytest.raises(Exception, match="decoder.init_from: no weights at nowhere; use "):
+        resolve_init_from("nowhere", config, "decoder")

@@ -138,6 +138,20 @@ def test_resume_after_injected_failure_matches_uninterrupted_run(tmp_path):
     first_fresh = _history(tracking, a.run_id, "loss")[0]
     first_tuned = _history(tracking, tuned.run_id, "loss")[0]
     assert first_tuned < first_fresh
+    # steps 0: the weights are taken untrained, marked complete, with where they came from
+    source = portable_uri(straight, "clip")
+    taken = load_config("tiny", base + ["run_name=taken", "clip.steps=0",
+                                        f"clip.init_from={source}"])
+    adopted = run_stage(taken, "clip")
+    _, weights_taken = load_portable(portable_uri(taken, "clip"))
+    for (name, pa), pb in zip(weights_a.state_dict().items(),
+                              weights_taken.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    done = json.loads((tmp_path / "runs/taken/clip/portable/DONE.json").read_text())
+    assert (done["step"], done["adopted_from"]) == (0, source)
+    run = client.get_run(adopted.run_id)
+    assert (run.info.status, run.data.tags["stage.adopted_from"]) == ("FINISHED", source)
+    assert _history(tracking, adopted.run_id, "loss") == []  # nothing trained
 
 
 def kept_sample_log(log_dir) -> dict[tuple[int, int], list[str]]:

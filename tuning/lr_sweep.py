@@ -202,6 +202,9 @@ def _check_inputs(config: Config, stage: str, log) -> None:
         task = task_class(stage)
     except UnknownStage as exc:
         raise SweepError(str(exc)) from None
+    if config.stage(stage).steps == 0:
+        raise SweepError(f"{stage}.steps is 0 (weights taken untrained): a learning-rate sweep "
+                         f"needs steps >= 1; pass --set {stage}.steps=N")
     ensure_dataset(config, log=log)  # built once here, not raced by the trials
     for upstream in task.requires:
         if not stage_done(config, upstream):
