@@ -325,6 +325,24 @@ def evaluate(
          f"{out_dir / 'evaluation.json'}; grids: {out_dir}")
 
 
+@app.command("compare")
+def compare(
+    candidate: Annotated[str, typer.Argument(
+        help="An evaluation: the folder `unclip eval`, the pipeline (outputs/<run_name>) or "
+             "`unclip release` wrote, or its evaluation.json")],
+    baseline: Annotated[str, typer.Argument(help="The evaluation to compare it with")],
+    reps: Annotated[int, typer.Option(min=100, help="Bootstrap resamples")] = 5000,
+) -> None:
+    """Is one model better than another? Paired comparison of two evaluations of the same
+    captions, seeds and evaluator: per metric, the mean per-caption difference and its 95%
+    bootstrap interval (the promotion gate's test), without evaluating anything again."""
+    from orchestration.evaluation import format_comparison, paired_comparison, read_report
+
+    first, second = read_report(candidate), read_report(baseline)
+    rows = paired_comparison(first, second, reps=reps)
+    typer.echo(format_comparison(rows, first.evaluator))
+
+
 @app.command("release")
 def release(
     model: Annotated[str, typer.Option(

@@ -33,12 +33,13 @@ from models.metrics import (
     bootstrap_interval,
     image_set_metrics,
     nearest_neighbour_novelty,
+    paired_bootstrap,
     prior_cosines,
     r_precision_hits,
     ranks_true_first,
 )
 from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
-from orchestration.config import Config
+from orchestration.config import Config, ConfigError
 from orchestration.evaluator import Evaluator
 from orchestration.layout import portable_uri
 from orchestration.stages import STAGES
@@ -331,6 +332,53 @@ def evaluate_model(model_uri: str, config: Config, out_dir: Path, log=print,
         log(f"[eval] sampling: {dataclasses.asdict(pipeline.sampling)}")
     return evaluate_pipeline(config, pipeline, evaluator, out_dir, log=log,
                              conditioning=conditioning)
+
+
+def read_report(path: str | Path) -> EvalReport:
+    """An evaluation's report from its evaluation.json, or from a folder holding one: an
+    `unclip eval` output, a pipeline's outputs/<run_name>, or a release (its eval/)."""
+    path = Path(path)
+    for candidate in (path, path / "evaluation.json", path / "eval" / "evaluation.json"):
+        if candidate.is_file():
+            try:
+                return EvalReport.from_json(candidate.read_text())
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{candidate}: not an evaluation report ({exc})") from None
+    raise ConfigError(f"{path}: no evaluation.json there; pass the folder `unclip eval`, the "
+                      "pipeline or `unclip release` wrote (or the file itself)")
+
+
+def paired_comparison(candidate: EvalReport, baseline: EvalReport, *,
+                      reps: int = 5000) -> list[dict]:
+    """Per metric scored caption by caption in both: the mean difference candidate - baseline
+    with its 95% paired bootstrap interval (the promotion gate's test, for any two reports of
+    the same captions, seeds and evaluator)."""
+    why_not = candidate.comparable_with(baseline)
+    if why_not:
+        raise ConfigError(f"cannot compare caption by caption: {why_not}; evaluate both with "
+                          "the same config (captions, seed) and evaluator")
+    rows = []
+    for name in candidate.per_caption:
+        if name in baseline.per_caption:
+            stats = paired_bootstrap(candidate.per_caption[name], baseline.per_caption[name],
+                                     reps=reps)
+            verdict = ("better" if stats["low"] > 0 else "worse" if stats["high"] < 0
+                       else "within the uncertainty")
+            rows.append({"metric": name, "candidate": float(np.mean(candidate.per_caption[name])),
+                         "baseline": float(np.mean(baseline.per_caption[name])), **stats,
+                         "verdict": verdict})
+    return rows
+
+
+def format_comparison(rows: list[dict], evaluator: str) -> str:
+    lines = [f"paired over {rows[0]['items'] if rows else 0} captions, evaluator {evaluator}",
+             f"{'metric':20s} {'candidate':>9s} {'baseline':>9s} {'difference':>10s}  "
+             f"{'95% interval':20s} verdict"]
+    for row in rows:
+        interval = f"[{row['low']:+.4f}, {row['high']:+.4f}]"
+        lines.append(f"{row['metric']:20s} {row['candidate']:9.4f} {row['baseline']:9.4f} "
+                     f"{row['difference']:+10.4f}  {interval:20s} {row['verdict']}")
+    return "\n".join(lines)
 
 
 def format_report(report: EvalReport) -> str:

@@ -230,3 +230,37 @@ def test_ci_sized_evaluation_separates_a_perfect_model_from_an_untrained_one(tmp
         f"zero_shot_{probe}{suffix}" for probe in ZERO_SHOT_PROBES
         for suffix in ("", "_lo", "_hi", "_real"))
     assert zero_shot["zero_shot_colour_only_real"] > zero_shot["zero_shot_colour_only_hi"]
+
+
+def test_compare_two_evaluations_caption_by_caption(tmp_path, run_cli):
+    """`unclip compare`: the gate's paired test for any two reports, read from the folders
+    that `unclip eval` (evaluation.json) and `unclip release` (eval/evaluation.json) write."""
+    from orchestration.evaluation import EvalReport
+
+    def write(folder, evaluator: str, **scores) -> None:
+        folder.mkdir(parents=True)
+        report = EvalReport(metrics={}, per_caption=scores, captions_sha="abc", seed=0,
+                            evaluator=evaluator)
+        (folder / "evaluation.json").write_text(report.to_json())
+
+    better = [1.0] * 10 + [0.0] * 10  # the candidate gets ten more captions right
+    write(tmp_path / "new", "evaluator@1", attr_shape=better, attr_colour=[0.0] * 20,
+          clip_score=[0.5] * 20)
+    write(tmp_path / "old" / "eval", "evaluator@1", attr_shape=[0.0] * 20,
+          attr_colour=[1.0] * 20, clip_score=[0.5] * 20)
+    code, out, err = run_cli("compare", str(tmp_path / "new"), str(tmp_path / "old"))
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert out.splitlines()[0] == "paired over 20 captions, evaluator evaluator@1"
+    assert list(rows) == ["attr_shape", "attr_colour", "clip_score"]
+    assert rows["attr_shape"][1:4] == ["0.5000", "0.0000", "+0.5000"]
+    assert rows["attr_shape"][-1] == "better"
+    assert rows["attr_colour"][1:6] == ["0.0000", "1.0000", "-1.0000", "[-1.0000,", "-1.0000]"]
+    assert rows["attr_colour"][-1] == "worse"
+    assert " ".join(rows["clip_score"][-3:]) == "within the uncertainty"
+    write(tmp_path / "other", "evaluator@2", attr_shape=better)
+    code, _, err = run_cli("compare", str(tmp_path / "new"), str(tmp_path / "other"))
+    assert code == 2
+    assert err.strip() == ("error: cannot compare caption by caption: different evaluators "
+                           "(evaluator@1 vs evaluator@2); evaluate both with the same config "
+                           "(captions, seed) and evaluator")
