@@ -116,7 +116,7 @@ def test_unknown_stage_is_one_line_naming_the_stage():
     (["data", "ingest", "src", "--out", "dst", "--format", "tar"],
      "error: --format 'tar': use webdataset or parquet"),
     (["submit"], "error: nothing to run: put the unclip command after --"),
-    (["submit", "--", "train", "clip", "--set", "clip.steps=0"],
+    (["submit", "--", "train", "clip", "--set", "clip.steps=-1"],
      "error: config error in {tiny}: clip.steps:"),
     (["tune", "lr", "--samples", "0"], "error: --samples 0: must be at least 1"),
     (["tune", "guidance", "--model", "m", "--sampler", "euler"],

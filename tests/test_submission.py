@@ -223,7 +223,7 @@ def test_cluster_gpu_config_validates_and_its_models_build():
 def test_bad_config_fails_before_submission_with_one_line(capsys):
     # CLOSED_ADDRESS would raise a connection SubmissionError if submission were attempted.
     with pytest.raises(ConfigError) as err:
-        submit(CLOSED_ADDRESS, ["train", "clip", "--set", "clip.steps=0"],
+        submit(CLOSED_ADDRESS, ["train", "clip", "--set", "clip.steps=-1"],
                config_path="configs/tiny.yaml")
     assert "clip.steps" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="not found"):
@@ -255,7 +255,7 @@ def test_args_entrypoint_and_runtime_env(monkeypatch, tmp_path):
     assert entrypoint_for(args) == ("python -m orchestration.cli tune lr --stage clip "
                                     "--samples 4 --set clip.steps=100 --config configs/tiny.yaml")
     with pytest.raises(ConfigError, match="clip.steps"):
-        prepare_args(["tune", "lr", "--set", "clip.steps=0"], config_path="configs/tiny.yaml")
+        prepare_args(["tune", "lr", "--set", "clip.steps=-1"], config_path="configs/tiny.yaml")
     outside = tmp_path / "mine.yaml"
     outside.write_text("run_name: mine\n")
     with pytest.raises(SubmissionError, match="outside the working dir"):
