@@ -15,6 +15,7 @@ from test_tuning import save_small_pipeline
 
 from data_pipelines.shapes import build_shapes
 from data_pipelines.shards import manifest_hash
+from data_pipelines.storage import StorageError
 from models.unclip_pipeline import COMPONENTS, UnCLIPPipeline
 from orchestration.config import load_config
 from orchestration.evaluation import held_out_rows
@@ -185,5 +186,5 @@ def test_a_release_folder_as_init_from_gives_its_component(tmp_path, monkeypatch
     assert all(torch.equal(decoder.state_dict()[k], v) for k, v in expected.items())
     # its exported portable weights are themselves a valid init_from, taken as they are
     assert resolve_init_from(portable, config, "decoder") == portable
-    with pytest.raises(Exception, match="decoder.init_from: no weights at nowhere; use "):
+    with pytest.raises(StorageError, match="decoder.init_from: no weights at nowhere; use "):
         resolve_init_from("nowhere", config, "decoder")
