@@ -88,3 +88,25 @@ def test_clip_table_counts_the_thesis_metrics_over_distinct_captions():
     assert (table["samples"], table["distinct_captions"]) == (4, 3)
     assert table["zero_shot_top1"] == 0.75 and table["zero_shot_top5"] == 1.0
     assert table["matching_pair_cosine"] == round((3 + 0) / 4, 4)
+
+
+def test_embedding_probe_reads_only_what_the_features_tell_apart():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import numpy as np
+    import torch
+    from embedding_probe import one_object_rows, probe_accuracy
+
+    rows = {"caption": ["a small red circle", "a large blue square and a small red circle",
+                        "a medium green triangle", "no shapes here"],
+            "image": np.arange(4)}
+    images, values = one_object_rows(rows)
+    assert images.tolist() == [0, 2]  # the two-object and the unparsed captions are left out
+    assert values["shape"].tolist() == ["circle", "triangle"]
+    assert values["size"].tolist() == ["small", "medium"]
+
+    # four classes, two of which have identical features: the probe tells 3 in 4 apart
+    labels = np.array(["circle", "square", "triangle", "pentagon"] * 25)
+    codes = {"circle": [1.0, 0.0, 0.0], "square": [0.0, 1.0, 0.0],
+             "triangle": [0.0, 0.0, 1.0], "pentagon": [0.0, 0.0, 1.0]}
+    features = torch.tensor([codes[label] for label in labels])
+    assert probe_accuracy(features, labels, features, labels) == 0.75
