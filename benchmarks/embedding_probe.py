@@ -5,7 +5,7 @@ the embedding does not carry is a shape no decoder can draw. This fits one multi
 logistic regression per attribute (shape, colour, size) on the embeddings of one-object train
 images and reports its accuracy on the one-object held-out images, for each CLIP given. When
 the pipeline's CLIP carries shape nearly as well as the reference evaluator, the decoder, not
-the embedding, limits shape accuracy (Luo 2023, sec. 4.6 reads its decoder the same way).
+the embedding, limits shape accuracy.
 
     python benchmarks/embedding_probe.py -c release/shapes/eval.yaml \
         release/shapes release/shapes/evaluator
