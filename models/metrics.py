@@ -36,8 +36,8 @@ def frechet_distance(feats_a, feats_b) -> float:
     # singular covariances need no regularising offset
     eigenvalues = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
     diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b)
-                 - 2.0 * np.sqrt(eigenvalues).sum())
+    distance = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.sqrt(eigenvalues).sum()
+    return max(0.0, float(distance))  # a squared distance; rounding leaves -1e-16 for equal sets
 
 
 def kernel_inception_distance(feats_a, feats_b, *, subsets: int = 100,
