@@ -20,17 +20,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orchestration.evaluator import Evaluator, load_evaluator
+
 ATTRIBUTES = ("shape", "colour", "size")
 
 
-def load_image_encoder(source: str):
-    """A pipeline or release folder's CLIP, or a portable CLIP folder (e.g. an evaluator)."""
+def load_image_encoder(source: str) -> Evaluator:
+    """A portable CLIP folder (e.g. an evaluator) or a pipeline or release folder's CLIP."""
     from models.unclip_pipeline import UnCLIPPipeline
-    from orchestration.tasks.base import load_portable
 
     if (Path(source) / "weights.safetensors").exists():
-        return load_portable(source)[1].eval()
-    return UnCLIPPipeline.load(source).clip.eval()
+        return load_evaluator(source)
+    clip = UnCLIPPipeline.load(source).clip.eval()
+    return Evaluator(clip=clip, context_length=int(clip.context_length), identity=source,
+                     uri=source)
+
+
+def embed(encoder: Evaluator, images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(encoder.image_features(torch.from_numpy(images)))
 
 
 def one_object_rows(rows: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -45,13 +52,6 @@ def one_object_rows(rows: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
             for name in ATTRIBUTES:
                 values[name].append(objects[0][name])
     return np.asarray(rows["image"])[keep], {k: np.array(v) for k, v in values.items()}
-
-
-@torch.no_grad()
-def embed(clip, images: np.ndarray, batch: int = 512) -> torch.Tensor:
-    parts = [clip.encode_image(torch.from_numpy(images[i:i + batch]).float(), normalize=True)
-             for i in range(0, len(images), batch)]
-    return torch.cat(parts)
 
 
 def probe_accuracy(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor,
