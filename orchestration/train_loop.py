@@ -56,6 +56,7 @@ EMA_FILE = "ema.pt"
 EMA_SHARD_FILE = "ema_rank{rank}.pt"  # under ZeRO-3: each rank's average of its partitions
 POSITION_FILE = "data_position_rank{rank}.json"  # each rank's place in its stream
 EVAL_BATCHES = 4  # test batches per evaluation: enough for stable tiny-model metrics
+STALL_SECONDS = 600  # an injected stall: long enough for any test to act, then it fails
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,10 @@ class WorkerSpec:
     train_stream: object | None = None  # `TrainStream` (Ray workers open their own stream)
     init_from: str | None = None  # portable weights to start from (fine-tuning)
     # fault injection for tests, once, before any restart: every rank raises at this step,
-    # or the last rank's process is SIGKILLed there
+    # or the last rank's process is SIGKILLed there, or every rank stalls there (so that a
+    # test can take a node away at a known step)
     fail_at_step: int | None = None
-    fail_with: Literal["exception", "sigkill"] = "exception"
+    fail_with: Literal["exception", "sigkill", "stall"] = "exception"
     sample_log: str | None = None  # local folder: each rank appends the keys of every step
 
 
@@ -261,6 +263,8 @@ class TrainLoop:
             if self.session.rank == self.session.world_size - 1:
                 os.kill(os.getpid(), signal.SIGKILL)  # no cleanup: a lost process
             return
+        if self.spec.fail_with == "stall":
+            time.sleep(STALL_SECONDS)  # the test kills this process long before
         raise RuntimeError(f"injected failure at step {step} (fault injection)")
 
     def end_of_step(self) -> None:

@@ -40,20 +40,25 @@ def _expected_keys(config, steps: int) -> dict[int, list[str]]:
     return expected
 
 
-def _wait_for_step(log_dir, step: int, timeout: float = 300.0) -> None:
+def _wait_for_step(log_dir, step: int, ranks: int, timeout: float = 300.0) -> None:
+    """Until every rank has logged `step`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for path in log_dir.glob("rank*.jsonl"):
-            if any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()):
-                return
+        # complete lines only: a worker may be halfway through appending the last one
+        reached = [path for path in log_dir.glob("rank*.jsonl")
+                   if any(json.loads(line)["step"] >= step
+                          for line in path.read_text().split("\n")[:-1])]
+        if len(reached) == ranks:
+            return
         time.sleep(0.2)
-    raise TimeoutError(f"training never reached step {step}")
+    raise TimeoutError(f"training never reached step {step} on all {ranks} ranks")
 
 
 def test_two_node_training_survives_losing_a_node(tmp_path, s3_bucket, ray_session):
     """One worker on each of two nodes, data and checkpoints on S3. The worker node is
-    removed mid-epoch and another joins: Ray Train restarts both workers from the last
-    checkpoint, and every step still trains on exactly the samples the plan gives it."""
+    removed mid-epoch (both workers held at step 4, after step 3's checkpoint) and another
+    joins: Ray Train restarts both workers from step 3, and every step still trains on
+    exactly the samples the plan gives it."""
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
@@ -72,19 +77,23 @@ def test_two_node_training_survives_losing_a_node(tmp_path, s3_bucket, ray_sessi
             "scaling.max_failures=2", "clip.steps=10", "clip.batch_size=8",
             "clip.log_every=2", "clip.checkpoint_every=3"])
         log_dir = tmp_path / "samples"
-        with ThreadPoolExecutor(1) as pool:
-            training = pool.submit(run_stage, config, "clip", sample_log=str(log_dir))
-            _wait_for_step(log_dir, 4)
+        pool = ThreadPoolExecutor(1)
+        try:
+            training = pool.submit(run_stage, config, "clip", sample_log=str(log_dir),
+                                   fail_at_step=4, fail_with="stall")
+            _wait_for_step(log_dir, 4, ranks=2)
             cluster.remove_node(worker_node)  # its worker dies with it, mid-epoch
             cluster.add_node(num_cpus=2)  # resources return
             result = training.result(timeout=600)
+        finally:
+            pool.shutdown(wait=False)  # on a failure above, the cluster's shutdown ends it
         assert result.final_metrics["step"] == 10
         assert result.portable_uri == f"{s3_bucket}/runs/mn/clip/portable"
         kept = {}
         for path in sorted(log_dir.glob("rank*.jsonl")):
             lines = [json.loads(line) for line in path.read_text().splitlines()]
             steps = [entry["step"] for entry in lines]
-            assert len(steps) > len(set(steps))  # a restart redid the steps since step 3
+            assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10]  # step 4 redone after the loss
             for entry in lines:
                 kept.setdefault(path.stem, {})[entry["step"]] = entry["keys"]
         expected = _expected_keys(config, 10)  # 7 steps of epoch 0 (60 // 8), 3 of epoch 1
