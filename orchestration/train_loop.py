@@ -265,6 +265,8 @@ class TrainLoop:
             return
         if self.spec.fail_with == "stall":
             time.sleep(STALL_SECONDS)  # the test kills this process long before
+            raise RuntimeError(f"injected stall at step {step}: nothing stopped the worker "
+                               f"within {STALL_SECONDS} s (fault injection)")
         raise RuntimeError(f"injected failure at step {step} (fault injection)")
 
     def end_of_step(self) -> None:
