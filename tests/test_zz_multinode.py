@@ -12,6 +12,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
+from data_pipelines.storage import resolve
 from orchestration.config import load_config
 from orchestration.training_job import run_stage
 
@@ -54,6 +55,23 @@ def _wait_for_step(log_dir, step: int, ranks: int, timeout: float = 300.0) -> No
     raise TimeoutError(f"training never reached step {step} on all {ranks} ranks")
 
 
+def _wait_for_registered_checkpoint(experiment_uri: str, step: int,
+                                    timeout: float = 120.0) -> None:
+    """Until Ray Train's controller has registered the checkpoint of `step`: a worker's
+    report waits in a queue the controller polls every 2 s, and a restart resumes from the
+    latest checkpoint the controller holds, not the latest one a worker uploaded. The
+    controller writes its holdings to the run's storage (its snapshot file) on each."""
+    snapshot = resolve(experiment_uri).join("checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if snapshot.exists():
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            if latest.get("metrics", {}).get("step") == step:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"the step {step} checkpoint was never registered at {snapshot.uri}")
+
+
 def test_two_node_training_survives_losing_a_node(tmp_path, s3_bucket, ray_session):
     """One worker on each of two nodes, data and checkpoints on S3. The worker node is
     removed mid-epoch (both workers held at step 4, after step 3's checkpoint) and another
@@ -82,6 +100,7 @@ def test_two_node_training_survives_losing_a_node(tmp_path, s3_bucket, ray_sessi
             training = pool.submit(run_stage, config, "clip", sample_log=str(log_dir),
                                    fail_at_step=4, fail_with="stall")
             _wait_for_step(log_dir, 4, ranks=2)
+            _wait_for_registered_checkpoint(f"{s3_bucket}/runs/mn/clip", 3)
             cluster.remove_node(worker_node)  # its worker dies with it, mid-epoch
             cluster.add_node(num_cpus=2)  # resources return
             result = training.result(timeout=600)
