@@ -139,6 +139,9 @@ class EvaluatorConfig(Strict):
     # "auto": a CLIP trained once for the dataset (keyed by its manifest hash) and reused;
     # otherwise a folder or s3:// prefix of portable CLIP weights (e.g. release/shapes/evaluator)
     uri: str = "auto"
+    # its own seed: with the same recipe as the model's CLIP it is still a separate judge,
+    # not a copy of the CLIP under test
+    seed: int = 1
     # how "auto" trains it: bigger and longer than a demo's CLIP, so it judges, not guesses
     clip: StageConfig = StageConfig(
         preset="shapes-paper", batch_size=128, steps=3000, checkpoint_every=500,

@@ -2,15 +2,16 @@
 
 Scoring a model with its own freshly trained CLIP puts every version in a different feature
 space, so their distances cannot be compared. The evaluator is instead trained once per
-dataset (keyed by the manifest hash, bigger and longer-trained than a demo's CLIP, registered
-in MLflow as `<registered_model>-evaluator`) or is any portable CLIP folder the user points
-to. Its identity (name and weights hash) goes with every number it produces, and the
-promotion gate refuses to compare numbers made by different evaluators.
+dataset (keyed by the manifest hash and its own recipe, bigger and longer-trained than a
+demo's CLIP, registered in MLflow as `<registered_model>-evaluator`) or is any portable CLIP
+folder the user points to. Its identity (name and weights hash) goes with every number it
+produces, and the promotion gate refuses to compare numbers made by different evaluators.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,12 +76,25 @@ def load_evaluator(uri: str, *, identity: str | None = None) -> Evaluator:
 
 def evaluator_training_config(config: Config) -> Config:
     """The config that trains this dataset's default evaluator: the dataset and cluster of
-    `config`, the evaluator's own CLIP section, a run named after the manifest hash."""
-    key = manifest_hash(config.data.uri)[:12]
+    `config`, the evaluator's own CLIP section and seed, a run named after the manifest hash
+    and the evaluator's architecture."""
+    spec = config.eval.evaluator
     mlflow = config.mlflow.model_copy(
         update={"experiment": f"{config.mlflow.experiment}-evaluator"})
-    return config.model_copy(update={"run_name": f"evaluator-{key}",
-                                     "clip": config.eval.evaluator.clip, "mlflow": mlflow})
+    return config.model_copy(update={"run_name": evaluator_run_name(config), "seed": spec.seed,
+                                     "clip": spec.clip, "mlflow": mlflow})
+
+
+def evaluator_run_name(config: Config) -> str:
+    """`evaluator-<manifest hash>-<recipe hash>`. The recipe hash covers what makes a different
+    network (preset, overrides, seed), so a changed architecture trains a new evaluator rather
+    than resuming an incompatible checkpoint; it leaves out steps and the optimiser, so more
+    steps continue the same one."""
+    spec = config.eval.evaluator
+    recipe = json.dumps({"preset": spec.clip.preset, "overrides": spec.clip.overrides,
+                         "seed": spec.seed}, sort_keys=True)
+    recipe_key = hashlib.sha256(recipe.encode()).hexdigest()[:8]
+    return f"evaluator-{manifest_hash(config.data.uri)[:12]}-{recipe_key}"
 
 
 def evaluator_uri(config: Config) -> str:

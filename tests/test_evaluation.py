@@ -158,10 +158,23 @@ def test_the_default_evaluator_is_trained_once_per_dataset(tmp_path):
                                   "data.shapes.test_size=4", "data.shapes.samples_per_shard=4"])
     build_shapes(config.data.uri, config.data.shapes, fmt="webdataset", use_ray=False)
     training = evaluator_training_config(config)
-    assert training.run_name == f"evaluator-{manifest_hash(config.data.uri)[:12]}"
+    name = training.run_name
+    assert name.startswith(f"evaluator-{manifest_hash(config.data.uri)[:12]}-")
     assert training.clip == config.eval.evaluator.clip != config.clip
+    assert (training.seed, config.seed) == (1, 0)  # its own seed: a judge, not a copy
     assert training.mlflow.experiment == "unclip-tiny-evaluator"
     assert training.data == config.data and training.storage_root == config.storage_root
+
+    def run_name(*changes):
+        changed = load_config("tiny", [f"data.uri={tmp_path}/shapes", *changes])
+        return evaluator_training_config(changed).run_name
+
+    # more steps or another learning rate continue the same evaluator ...
+    assert run_name("eval.evaluator.clip.steps=9999", "eval.evaluator.clip.optim.lr=0.1") == name
+    # ... another network or seed is another evaluator, never a resume of an incompatible one
+    assert run_name("eval.evaluator.clip.overrides={vision_width: 32}") != name
+    assert run_name("eval.evaluator.seed=7") != name
+    assert run_name("seed=7") == name  # the pipeline's seed is not the evaluator's
 
 
 @pytest.mark.slow
