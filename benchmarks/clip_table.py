@@ -59,8 +59,8 @@ def clip_table_of_folder(clip_uri: str, config_path: str, seed: int = 0) -> dict
     whole test split, embedding it here (no run, no embed step needed)."""
     from data_pipelines.shards import read_manifest
     from orchestration.config import load_config
-    from orchestration.evaluation import held_out_rows
-    from orchestration.evaluator import load_evaluator
+    from orchestration.evaluate.evaluation import held_out_rows
+    from orchestration.evaluate.evaluator import load_evaluator
 
     config = load_config(config_path)
     # the whole test split as the manifest counts it (any dataset, not only shapes)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestration.evaluator import Evaluator, load_evaluator
+from orchestration.evaluate.evaluator import Evaluator, load_evaluator
 
 ATTRIBUTES = ("shape", "colour", "size")
 
@@ -88,7 +88,7 @@ def main() -> None:
 
     from data_pipelines.shards import read_manifest
     from orchestration.config import load_config
-    from orchestration.evaluation import _train_rows, held_out_rows
+    from orchestration.evaluate.evaluation import _train_rows, held_out_rows
 
     torch.manual_seed(0)
     config = load_config(args.config)

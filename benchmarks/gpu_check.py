@@ -144,7 +144,7 @@ def stage_metrics(config, run_id: str) -> dict:
 
 
 def run_stage_measured(config, stage: str, peak: float | None) -> dict:
-    from orchestration.training_job import run_stage
+    from orchestration.train.training_job import run_stage
 
     flops = step_flops(config, stage)
     with MemorySampler() as memory:

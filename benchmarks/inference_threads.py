@@ -1,6 +1,6 @@
 """Latency of `unclip generate` and of a Ray Serve request, before and after the thread policy.
 
-Before: the code of a revision without `orchestration.threads` (`--before-rev`), exported
+Before: the code of a revision without `orchestration.common.threads` (`--before-rev`), exported
 with `git archive` into a temporary folder and run from there with the same venv, so torch
 keeps its defaults (one intra-op and one inter-op thread per core of the machine). After:
 this working tree, where generation and replicas size their pools to the CPUs they hold.
@@ -41,7 +41,7 @@ def save_random_tiny_pipeline(directory: Path) -> Path:
     from models.presets import build_decoder_preset, build_prior_preset, clip_preset_sizes
     from models.unclip_pipeline import UnCLIPPipeline
     from orchestration.config import load_config
-    from orchestration.evaluation import pipeline_sampling
+    from orchestration.evaluate.evaluation import pipeline_sampling
 
     config = load_config("tiny")
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def serve_child(model: str, requests: int) -> None:
     import requests as http
     from ray import serve
 
-    from orchestration.serving import run_server
+    from orchestration.serve.serving import run_server
 
     with socket.socket() as sock:  # a free port
         sock.bind(("127.0.0.1", 0))

@@ -68,9 +68,9 @@ def main() -> None:
         import boto3
 
         from data_pipelines.shapes import build_shapes
+        from orchestration.common.ray_runtime import connect
         from orchestration.config import load_config
-        from orchestration.ray_runtime import connect
-        from orchestration.training_job import run_stage
+        from orchestration.train.training_job import run_stage
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="headroom")
         work = tempfile.mkdtemp(prefix="input-headroom-")

@@ -103,7 +103,7 @@ def raw_batch(config, stage: str) -> dict:
     """One raw batch as the stage's Ray Data stream yields it (random contents)."""
     batch_size = config.stage(stage).batch_size
     if stage == "prior":
-        from orchestration.tasks.frozen_clip import clip_sizes
+        from orchestration.train.tasks.frozen_clip import clip_sizes
 
         embed, width, context = clip_sizes(config)
         raw = {"text_emb": np.random.randn(batch_size, embed).astype(np.float32),
@@ -130,9 +130,9 @@ def columns(config, stage: str, batches: int) -> dict:
 def bare_step_time(config, stage: str, steps: int) -> float:
     """Median seconds per optimizer step of the plain loop: same task code and recipe
     (to_batch, AdamW, grad clipping, EMA of weights), no Ray, no DeepSpeed."""
-    from orchestration.engine_setup import EMA, build_optimizer
     from orchestration.stages import task_class
-    from orchestration.tasks.base import LossModule
+    from orchestration.train.engine_setup import EMA, build_optimizer
+    from orchestration.train.tasks.base import LossModule
 
     task = task_class(stage)(config)
     task.setup(device=torch.device("cpu"))
@@ -158,10 +158,15 @@ def engine_step_time(config, stage: str, steps: int, overrides: dict) -> float:
     """The bare loop's steps through a DeepSpeed engine set up as the loop sets it up."""
     import deepspeed
 
-    from orchestration.engine_setup import EMA, build_optimizer, deepspeed_config, warmup_cosine
-    from orchestration.loop_session import init_single_process_group
     from orchestration.stages import task_class
-    from orchestration.tasks.base import LossModule
+    from orchestration.train.engine_setup import (
+        EMA,
+        build_optimizer,
+        deepspeed_config,
+        warmup_cosine,
+    )
+    from orchestration.train.loop_session import init_single_process_group
+    from orchestration.train.tasks.base import LossModule
 
     init_single_process_group()
     task = task_class(stage)(config)
@@ -195,10 +200,10 @@ def engine_step_time(config, stage: str, steps: int, overrides: dict) -> float:
 
 def local_step_time(config, stage: str, overrides: dict) -> float:
     """The project's loop in this process: median `step_time_s` window after the first."""
-    from orchestration import train_loop
-    from orchestration.engine_setup import deepspeed_config
-    from orchestration.loop_session import LocalSession, init_single_process_group
     from orchestration.stages import task_class
+    from orchestration.train import train_loop
+    from orchestration.train.engine_setup import deepspeed_config
+    from orchestration.train.loop_session import LocalSession, init_single_process_group
 
     init_single_process_group()
     data = {"train": columns(config, stage, 4), "test": columns(config, stage, 1)}
@@ -236,8 +241,8 @@ def worker_setup_hook() -> None:
     """Every Ray worker: the project's own hook, then `deepspeed_config` wrapped to merge the
     overrides file in (train_loop imports the name later, so it gets the wrapper; deepspeed
     is imported by then, and the engine is built after its config)."""
-    from orchestration import engine_setup
-    from orchestration.quiet_logs import quiet_library_logs
+    from orchestration.common.quiet_logs import quiet_library_logs
+    from orchestration.train import engine_setup
 
     quiet_library_logs()
     original = engine_setup.deepspeed_config
@@ -250,12 +255,12 @@ def worker_setup_hook() -> None:
 
 
 def start_ray(num_cpus: int | None, overrides_file: str) -> None:
-    """As `orchestration.ray_runtime.connect` starts a local instance, plus our hook."""
+    """As `orchestration.common.ray_runtime.connect` starts a local instance, plus our hook."""
     import logging
 
     import ray
 
-    from orchestration.ray_runtime import configure_ray_data
+    from orchestration.common.ray_runtime import configure_ray_data
 
     os.environ[OVERRIDES_ENV] = overrides_file
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -270,7 +275,7 @@ def loop_step_time(config, stage: str) -> tuple[float, float]:
     """(median step_time_s window after the first, median data-wait fraction)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestration.training_job import run_stage
+    from orchestration.train.training_job import run_stage
 
     result = run_stage(config, stage, log=lambda *_: None)
     client = MlflowClient(config.mlflow.tracking_uri)
@@ -348,9 +353,9 @@ def summarise_profile(path: str, steps: int) -> dict:
 
 def prepare_upstream(base, stages: list[str]) -> None:
     """CLIP (for the decoder and the prior) and its embeddings (for the prior), once."""
-    from orchestration.embed_job import run_embed
-    from orchestration.layout import stage_done
-    from orchestration.training_job import run_stage
+    from orchestration.common.layout import stage_done
+    from orchestration.train.embed_job import run_embed
+    from orchestration.train.training_job import run_stage
 
     if set(stages) & {"prior", "decoder"} and not stage_done(base, "clip"):
         run_stage(base, "clip", log=lambda *_: None)
@@ -375,8 +380,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from orchestration.common.quiet_logs import quiet_library_logs
     from orchestration.config import load_config
-    from orchestration.quiet_logs import quiet_library_logs
     from tuning.lr_sweep import share_upstream
 
     work = args.work or tempfile.mkdtemp(prefix="loop-overhead-")

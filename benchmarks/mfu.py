@@ -44,7 +44,7 @@ def stage_model_and_loss(config, stage: str, device: str = "cpu"):
     """(model, loss_fn) of one training step of `stage` at its configured batch size, on
     synthetic inputs shaped like the config's data; `loss_fn(model)` returns the loss.
     On the "meta" device nothing is computed: enough to count FLOPs of any size for free."""
-    from orchestration.tasks.frozen_clip import preset_clip_sizes
+    from orchestration.train.tasks.frozen_clip import preset_clip_sizes
 
     batch, size = config.stage(stage).batch_size, config.data.preprocess.image_size
     with torch.device(device):
@@ -63,7 +63,7 @@ def stage_model_and_loss(config, stage: str, device: str = "cpu"):
             return model, lambda m: m.loss(images=images, image_emb=emb,
                                            text_tokens=tokens)["loss"]
         if stage == "clip":
-            from orchestration.tasks.clip import ClipTask
+            from orchestration.train.tasks.clip import ClipTask
 
             task = ClipTask(config)
             task.setup(device=torch.device(device))

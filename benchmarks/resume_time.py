@@ -52,9 +52,9 @@ def main() -> None:
     from data_pipelines.settings import ShapesSettings
     from data_pipelines.shapes import build_shapes
     from data_pipelines.streaming import bad_record_budget
+    from orchestration.common.ray_runtime import configure_ray_data
     from orchestration.config import load_config
-    from orchestration.ray_runtime import configure_ray_data
-    from orchestration.tasks.clip import ClipTask
+    from orchestration.train.tasks.clip import ClipTask
 
     work = tempfile.mkdtemp(prefix="resume-time-")
     ray.init(num_cpus=2, log_to_driver=False)

@@ -45,9 +45,9 @@ def random_pipeline(config, directory: Path) -> str:
 
     from models.presets import build_decoder_preset, build_prior_preset
     from models.unclip_pipeline import UnCLIPPipeline
-    from orchestration.evaluation import pipeline_sampling
-    from orchestration.tasks.clip import ClipTask
-    from orchestration.tasks.frozen_clip import preset_clip_sizes
+    from orchestration.evaluate.evaluation import pipeline_sampling
+    from orchestration.train.tasks.clip import ClipTask
+    from orchestration.train.tasks.frozen_clip import preset_clip_sizes
 
     torch.manual_seed(0)
     embed, width, context = preset_clip_sizes(config)
@@ -69,7 +69,7 @@ def random_pipeline(config, directory: Path) -> str:
 
 def load_pipeline(model_uri: str, config):
     from models.unclip_pipeline import UnCLIPPipeline
-    from orchestration.registry import resolve_model_uri
+    from orchestration.registry.registry import resolve_model_uri
 
     directory = resolve_model_uri(model_uri, tracking_uri=config.mlflow.tracking_uri,
                                   dst_dir=Path(tempfile.mkdtemp(prefix="sampling-model-")))
@@ -127,7 +127,7 @@ def speed_ratios(medians: dict, variants: dict) -> dict:
 
 def quality(model_uri: str, config, variants: dict) -> dict:
     """Each sampler's evaluation metrics (the pipeline's eval code and evaluator)."""
-    from orchestration.evaluation import evaluate_model
+    from orchestration.evaluate.evaluation import evaluate_model
 
     reports = {}
     for name, sampling in variants.items():
@@ -149,7 +149,7 @@ def serve_rate(model_uri: str, tracking_uri: str, requests: int, repeats: int) -
     import requests as http
     from ray import serve
 
-    from orchestration.serving import run_server
+    from orchestration.serve.serving import run_server
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

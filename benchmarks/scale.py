@@ -114,7 +114,7 @@ def child(uri: str, work: str, run: str, train_size: int) -> None:
     from mlflow.tracking import MlflowClient
 
     from orchestration.config import load_config
-    from orchestration.training_job import run_stage
+    from orchestration.train.training_job import run_stage
 
     batch = 64
     steps = train_size // batch  # one epoch

@@ -64,9 +64,9 @@ def rank_main(rank: int, world: int, port: int, args: dict, queue) -> None:
         import torch.distributed as dist
 
         from orchestration.config import load_config
-        from orchestration.loop_session import LocalSession
         from orchestration.stages import task_class
-        from orchestration.train_loop import TrainLoop, WorkerSpec
+        from orchestration.train.loop_session import LocalSession
+        from orchestration.train.train_loop import TrainLoop, WorkerSpec
 
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -18,8 +18,8 @@ from typing import Annotated
 import typer
 
 from orchestration.config import Config, ConfigError, load_config
-from orchestration.jobs_cli import register as register_job_commands
-from orchestration.registry_cli import generate, models_app, serve
+from orchestration.jobs.cli import register as register_job_commands
+from orchestration.serve.models_cli import generate, models_app, serve
 from orchestration.stages import STAGES
 from tuning.cli import tune_app
 
@@ -79,7 +79,7 @@ def data_shapes(
     cfg = _config(config, overrides)
     from data_pipelines.progress import progress_bar
     from data_pipelines.shapes import build_shapes
-    from orchestration.ray_runtime import connect
+    from orchestration.common.ray_runtime import connect
 
     connect(cfg)
     start = time.monotonic()
@@ -209,8 +209,8 @@ def stream(
 ) -> None:
     """Stream a dataset through Ray Data preprocessing and report throughput."""
     cfg = _config(config, set_)
-    from orchestration.data_check import ensure_dataset, measure_stream
-    from orchestration.ray_runtime import connect
+    from orchestration.common.data_check import ensure_dataset, measure_stream
+    from orchestration.common.ray_runtime import connect
 
     connect(cfg)
     ensure_dataset(cfg, log=echo)
@@ -228,7 +228,7 @@ def train(
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     cfg = _config(config, set_)
-    from orchestration.training_job import run_stage
+    from orchestration.train.training_job import run_stage
 
     result = run_stage(cfg, stage, log=echo)
     typer.echo(json.dumps({"stage": stage, "run_id": result.run_id,
@@ -240,7 +240,7 @@ def train(
 def embed(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Write CLIP embedding shards (Parquet) for every split, with a manifest."""
     cfg = _config(config, set_)
-    from orchestration.embed_job import run_embed
+    from orchestration.train.embed_job import run_embed
 
     manifest = run_embed(cfg, log=echo)
     typer.echo(json.dumps(manifest, indent=2))
@@ -303,7 +303,7 @@ def evaluate(
         raise ConfigError(f"--sampler {sampler!r}: use ddim or ddpm")
     if conditioning not in ("prior", "image", "text"):
         raise ConfigError(f"--conditioning {conditioning!r}: use prior, image or text")
-    from orchestration.evaluation import evaluate_model, format_report
+    from orchestration.evaluate.evaluation import evaluate_model, format_report
 
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model).strip("-")
     suffix = "" if conditioning == "prior" else f"-{conditioning}"
@@ -311,7 +311,7 @@ def evaluate(
     sampling = {k: v for k, v in {"sampler": sampler}.items() if v is not None}
     if steps is not None:
         sampling["steps"] = steps or None
-    from orchestration.threads import set_torch_threads
+    from orchestration.common.threads import set_torch_threads
 
     set_torch_threads()  # after the checks above: bad input answers before torch loads
     report = evaluate_model(model, cfg, out_dir, log=echo, sampling=sampling,
@@ -336,7 +336,7 @@ def compare(
     """Is one model better than another? Paired comparison of two evaluations of the same
     captions, seeds and evaluator: per metric, the mean per-caption difference and its 95%
     bootstrap interval (the promotion gate's test), without evaluating anything again."""
-    from orchestration.evaluation import format_comparison, paired_comparison, read_report
+    from orchestration.evaluate.evaluation import format_comparison, paired_comparison, read_report
 
     first, second = read_report(candidate), read_report(baseline)
     rows = paired_comparison(first, second, reps=reps)
@@ -362,8 +362,8 @@ def release(
     cfg = _config(config, set_)
     recipe_uri = data_uri or load_config(config, set_ or [], absolute_paths=False,
                                          check_models=False).data.uri
+    from orchestration.common.threads import set_torch_threads
     from orchestration.release import write_release
-    from orchestration.threads import set_torch_threads
 
     set_torch_threads()
     written = write_release(model, cfg, Path(out), data_uri=recipe_uri, overwrite=overwrite,
@@ -391,8 +391,8 @@ def web_app(
     """A web page (Gradio) to try models side by side, beside the JSON API, until Ctrl-C."""
     cfg = _config(config, None)
     uri = tracking_uri or cfg.mlflow.tracking_uri
-    from orchestration.ray_runtime import connect
-    from orchestration.web_app import app_models, run_web_app
+    from orchestration.common.ray_runtime import connect
+    from orchestration.serve.web_app import app_models, run_web_app
 
     models = app_models(model, tracking_uri=uri, registered_model=cfg.mlflow.registered_model)
     connect(cfg)  # the config's Ray address, $RAY_ADDRESS or a local instance
@@ -407,9 +407,9 @@ USER_ERRORS = (
     ("data_pipelines.storage", "StorageError"),
     ("data_pipelines.ingest", "IngestError"),
     ("data_pipelines.index", "IndexingError"),
-    ("orchestration.registry", "RegistryError"),
-    ("orchestration.submission", "SubmissionError"),
-    ("orchestration.training_job", "StageError"),
+    ("orchestration.registry.registry", "RegistryError"),
+    ("orchestration.jobs.submission", "SubmissionError"),
+    ("orchestration.train.training_job", "StageError"),
 )
 
 

@@ -1,7 +1,7 @@
 """`unclip pipeline`: data -> CLIP -> embeddings -> prior + decoder -> eval -> registry.
 
 Each stage deletes its completion marker before rewriting its outputs and writes it last,
-in storage beside the outputs (`orchestration.layout`), so a rerun - on this node or another
+in storage beside the outputs (`orchestration.common.layout`), so a rerun - on this node or another
 - skips complete stages and resumes the interrupted one from its checkpoint (Ray Train
 restores a run from its storage path and name). One MLflow parent run per pipeline run name,
 with a child run per training stage; a rerun ends a parent its killed attempt left RUNNING.
@@ -24,12 +24,8 @@ import ray
 
 from data_pipelines.shards import manifest_hash
 from data_pipelines.storage import Location, StorageError, describe_error, resolve
-from orchestration.config import Config
-from orchestration.data_check import ensure_dataset
-from orchestration.embed_job import clip_marker, run_embed
-from orchestration.evaluation import EvalReport, assemble_pipeline, evaluate_pipeline
-from orchestration.evaluator import ensure_evaluator, evaluator_uri
-from orchestration.layout import (
+from orchestration.common.data_check import ensure_dataset
+from orchestration.common.layout import (
     DONE_FILE,
     adopted_from,
     pipeline_step_uri,
@@ -37,10 +33,9 @@ from orchestration.layout import (
     stage_uri,
     trained_steps,
 )
-from orchestration.ray_runtime import check_cluster_fits, connect
-from orchestration.stages import STAGES, task_class
-from orchestration.threads import set_torch_threads
-from orchestration.tracking import (
+from orchestration.common.ray_runtime import check_cluster_fits, connect
+from orchestration.common.threads import set_torch_threads
+from orchestration.common.tracking import (
     client_for,
     find_or_create_run,
     log_config,
@@ -49,7 +44,12 @@ from orchestration.tracking import (
     log_text,
     set_tags,
 )
-from orchestration.training_job import ended_status, run_stage
+from orchestration.config import Config
+from orchestration.evaluate.evaluation import EvalReport, assemble_pipeline, evaluate_pipeline
+from orchestration.evaluate.evaluator import ensure_evaluator, evaluator_uri
+from orchestration.stages import STAGES, task_class
+from orchestration.train.embed_job import clip_marker, run_embed
+from orchestration.train.training_job import ended_status, run_stage
 
 
 def training_waves(stages: tuple[str, ...] = STAGES) -> list[list[str]]:
@@ -338,7 +338,12 @@ def _refresh_local(stored: Location, out: Path) -> None:
 
 
 def _register(config: Config, parent: str, metrics: dict, log) -> dict:
-    from orchestration.registry import CANDIDATE, find_version, paired_gate, register_pipeline
+    from orchestration.registry.registry import (
+        CANDIDATE,
+        find_version,
+        paired_gate,
+        register_pipeline,
+    )
 
     stored = resolve(pipeline_step_uri(config, "eval"))
     if not _marker_matches(stored.join(DONE_FILE), eval_marker(config)):
@@ -394,7 +399,7 @@ def champion_report(config: Config, version: int | str, candidate: EvalReport,
                     log) -> EvalReport:
     """The champion's evaluation on the candidate's captions, seeds and evaluator: the one
     stored for its weights when it matches, else a fresh one (same code, same evaluator)."""
-    from orchestration.registry import SOURCE_RUN_TAG, WEIGHTS_TAG, resolve_model_uri
+    from orchestration.registry.registry import SOURCE_RUN_TAG, WEIGHTS_TAG, resolve_model_uri
 
     client = client_for(config.mlflow.tracking_uri)
     name = config.mlflow.registered_model

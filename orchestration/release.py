@@ -74,7 +74,7 @@ def _write_pipeline(source: Path, target: Path) -> None:
 def _write_evaluator(uri: str, target: Path) -> None:
     from safetensors.torch import save
 
-    from orchestration.tasks.base import load_portable, read_portable_config
+    from orchestration.train.tasks.base import load_portable, read_portable_config
 
     _, clip = load_portable(uri)
     target.mkdir()
@@ -97,7 +97,7 @@ def _eval_config_yaml(config: Config, data_uri: str) -> str:
 
 def _source_lineage(model_uri: str, tracking_uri: str) -> dict:
     """Registered name/version and the version's lineage and metric tags, when registered."""
-    from orchestration.registry import _connect, _get_version, model_version
+    from orchestration.registry.registry import _connect, _get_version, model_version
 
     if is_release(model_uri):  # re-released (e.g. with a better evaluator): same source
         earlier = read_release(model_uri)
@@ -134,9 +134,9 @@ def write_release(model_uri: str, config: Config, out: Path, *, data_uri: str,
     import tempfile
 
     from data_pipelines.shards import manifest_hash
-    from orchestration.evaluation import evaluate_model
-    from orchestration.evaluator import evaluator_uri, load_evaluator
-    from orchestration.registry import resolve_model_uri
+    from orchestration.evaluate.evaluation import evaluate_model
+    from orchestration.evaluate.evaluator import evaluator_uri, load_evaluator
+    from orchestration.registry.registry import resolve_model_uri
 
     out = out.expanduser().absolute()
     if out.exists() and not overwrite:

@@ -2,7 +2,7 @@
 
 This is the one place that names the stages. It imports nothing heavy, so the CLI and the
 config check can name stages at once; a task's module (torch, open_clip) loads on first use.
-A new stage is one task module (see `orchestration.tasks.base.Task`) plus one entry here, or
+A new stage is one task module (see `orchestration.train.tasks.base.Task`) plus one entry here, or
 `register_task(MyTask)` from the caller's own code.
 """
 
@@ -12,9 +12,9 @@ import importlib
 
 # name -> "module:Class"; the order is the training order (a stage's `requires` come first)
 _BUILTIN = {
-    "clip": "orchestration.tasks.clip:ClipTask",
-    "prior": "orchestration.tasks.prior:PriorTask",
-    "decoder": "orchestration.tasks.decoder:DecoderTask",
+    "clip": "orchestration.train.tasks.clip:ClipTask",
+    "prior": "orchestration.train.tasks.prior:PriorTask",
+    "decoder": "orchestration.train.tasks.decoder:DecoderTask",
 }
 STAGES: tuple[str, ...] = tuple(_BUILTIN)  # the components of the text-to-image pipeline
 _registered: dict[str, type] = {}

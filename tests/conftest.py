@@ -58,7 +58,7 @@ def ray_session(s3_endpoint):
     """One local Ray instance for the whole run (started after the S3 env is in place)."""
     import ray
 
-    from orchestration.ray_runtime import configure_ray_data
+    from orchestration.common.ray_runtime import configure_ray_data
 
     # "local": always a fresh instance, never a stale cluster recorded in /tmp/ray
     # with the dashboard, as in `connect`: Train's placement-group cleaner needs the state API

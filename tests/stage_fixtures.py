@@ -44,9 +44,9 @@ def image_columns(config, split: str, count: int, seed: int = 0) -> dict[str, np
 
 def save_trained_clip(config) -> None:
     """Portable CLIP weights where prior and decoder look for them (untrained is enough)."""
-    from orchestration.layout import portable_uri
-    from orchestration.tasks.base import save_portable
-    from orchestration.tasks.clip import ClipTask
+    from orchestration.common.layout import portable_uri
+    from orchestration.train.tasks.base import save_portable
+    from orchestration.train.tasks.clip import ClipTask
 
     torch.manual_seed(0)
     task = ClipTask(config)
@@ -56,8 +56,8 @@ def save_trained_clip(config) -> None:
 
 def embedding_columns(config, images: dict) -> dict[str, np.ndarray]:
     """The embedding job's output for `images`, from its own Ray Data actor class."""
-    from orchestration.embed_job import ClipEmbedder
-    from orchestration.layout import portable_uri
+    from orchestration.common.layout import portable_uri
+    from orchestration.train.embed_job import ClipEmbedder
 
     embedder = ClipEmbedder(portable_uri(config, "clip"), with_tokens=True, use_gpu=False)
     out = embedder({k: images[k] for k in ("key", "caption", "image", "tokens")})

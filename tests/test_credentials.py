@@ -91,7 +91,7 @@ def test_malformed_uris_do_not_raise(uri):
 
 
 def test_registry_uses_the_shared_check():
-    from orchestration import registry
+    from orchestration.registry import registry
 
     assert registry.has_credentials is has_credentials
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from orchestration.config import DeepSpeedConfig, OptimConfig, StageConfig
-from orchestration.engine_setup import build_optimizer
+from orchestration.train.engine_setup import build_optimizer
 
 
 def test_optimizer_groups_and_fused_only_on_cuda():

@@ -17,14 +17,14 @@ from data_pipelines.shapes import (
 )
 from data_pipelines.storage import StorageError
 from orchestration.config import load_config
-from orchestration.evaluation import (
+from orchestration.evaluate.evaluation import (
     CaptionScorer,
     EvalReport,
     format_report,
     score_images,
     zero_shot_metrics,
 )
-from orchestration.evaluator import evaluator_training_config, load_evaluator
+from orchestration.evaluate.evaluator import evaluator_training_config, load_evaluator
 
 
 def test_attribute_variants_change_one_object_attribute_at_a_time():
@@ -80,8 +80,8 @@ def test_ensemble_hits_pick_the_nearest_colour_class():
 
 def save_random_evaluator(directory, *, seed: int = 0):
     """A portable (untrained) tiny CLIP as `unclip train clip` writes it."""
-    from orchestration.tasks.base import save_portable
-    from orchestration.tasks.clip import ClipTask
+    from orchestration.train.tasks.base import save_portable
+    from orchestration.train.tasks.clip import ClipTask
 
     config = load_config("tiny", [])
     torch.manual_seed(seed)
@@ -187,8 +187,8 @@ def test_ci_sized_evaluation_separates_a_perfect_model_from_an_untrained_one(tmp
 
     from data_pipelines.shapes import build_shapes
     from models.unclip_pipeline import UnCLIPPipeline
-    from orchestration.evaluation import held_out_rows
-    from orchestration.evaluator import ensure_evaluator
+    from orchestration.evaluate.evaluation import held_out_rows
+    from orchestration.evaluate.evaluator import ensure_evaluator
 
     config = load_config("tiny", [
         f"data.uri={tmp_path}/shapes", f"storage_root={tmp_path}/runs",
@@ -248,7 +248,7 @@ def test_ci_sized_evaluation_separates_a_perfect_model_from_an_untrained_one(tmp
 def test_compare_two_evaluations_caption_by_caption(tmp_path, run_cli):
     """`unclip compare`: the gate's paired test for any two reports, read from the folders
     that `unclip eval` (evaluation.json) and `unclip release` (eval/evaluation.json) write."""
-    from orchestration.evaluation import EvalReport
+    from orchestration.evaluate.evaluation import EvalReport
 
     def write(folder, evaluator: str, **scores) -> None:
         folder.mkdir(parents=True)

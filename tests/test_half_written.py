@@ -22,11 +22,11 @@ from stage_fixtures import FAST_OVERRIDES, save_trained_clip
 
 from data_pipelines.storage import resolve
 from orchestration import pipeline as pipeline_module
+from orchestration.common.layout import DONE_FILE, pipeline_step_uri, portable_uri, stage_done
+from orchestration.common.tracking import INTERRUPTED_TAG, INTERRUPTIONS_TAG, client_for
 from orchestration.config import load_config
-from orchestration.layout import DONE_FILE, pipeline_step_uri, portable_uri, stage_done
 from orchestration.pipeline import PipelineRun, eval_marker, trained_marker
-from orchestration.registry import list_versions
-from orchestration.tracking import INTERRUPTED_TAG, INTERRUPTIONS_TAG, client_for
+from orchestration.registry.registry import list_versions
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "half-written-model"
@@ -61,7 +61,7 @@ def save_components(config) -> None:
     import torch
 
     from orchestration.stages import task_class
-    from orchestration.tasks.base import save_portable
+    from orchestration.train.tasks.base import save_portable
 
     save_trained_clip(config)
     for stage in ("prior", "decoder"):
@@ -75,7 +75,7 @@ def save_components(config) -> None:
 
 def finished_stage_runs(config) -> None:
     """The three stages' MLflow runs, as training leaves them (the registry links them)."""
-    from orchestration.tracking import find_or_create_run
+    from orchestration.common.tracking import find_or_create_run
 
     client = client_for(config.mlflow.tracking_uri)
     for stage in ("clip", "prior", "decoder"):
@@ -105,7 +105,7 @@ def test_interrupted_export_leaves_the_stage_incomplete(tmp_path):
     DONE.json: the earlier one was deleted before the first file was replaced."""
     from ray.train import Checkpoint
 
-    from orchestration.training_job import export_final
+    from orchestration.train.training_job import export_final
 
     config = load_config("tiny", overrides(tmp_path, str(tmp_path / "shapes"),
                                            str(tmp_path / "runs")))
@@ -132,8 +132,8 @@ def test_crashed_embedding_run_leaves_no_manifest_and_the_prior_refuses(tmp_path
     """An embedding rerun that fails after writing the train split's shards (the test
     split's shards are corrupt: a real read failure) leaves no manifest - the old one went
     before the first new shard - and no stale shard; the prior refuses in one line."""
-    from orchestration.embed_job import run_embed
     from orchestration.pipeline import _embed_done
+    from orchestration.train.embed_job import run_embed
 
     items = overrides(tmp_path, str(tmp_path / "shapes"), str(tmp_path / "runs"))
     config = load_config("tiny", items)
@@ -236,7 +236,7 @@ def test_parent_run_left_running_by_a_killed_driver_is_ended_on_rerun(tmp_path, 
     script = textwrap.dedent(f"""
         import os, signal
         from orchestration.config import load_config
-        from orchestration.tracking import find_or_create_run
+        from orchestration.common.tracking import find_or_create_run
         config = load_config("tiny", {items!r})
         find_or_create_run(config, run_key="hw/pipeline", run_name="hw-pipeline",
                            tags={{"unclip.stage": "pipeline"}})
@@ -267,9 +267,9 @@ def test_gate_compares_a_continued_run_with_the_champions_own_report(tmp_path, s
     champion by the report made for the champion's weights, not the candidate's."""
     import torch
 
-    from orchestration.evaluation import EvalReport
+    from orchestration.evaluate.evaluation import EvalReport
     from orchestration.stages import task_class
-    from orchestration.tasks.base import save_portable
+    from orchestration.train.tasks.base import save_portable
 
     config = load_config("tiny", overrides(tmp_path, shapes_uri, str(tmp_path / "runs")))
     save_components(config)

@@ -129,8 +129,8 @@ def test_img2dataset_folder_indexed_through_the_cli(run_cli, tmp_path):
     assert streamed(str(out), "test") == {k: v for k, v in captions.items() if k in in_test}
     assert streamed(str(out), "train") == {k: v for k, v in captions.items() if k not in in_test}
     # what training checks first accepts the index as a dataset
+    from orchestration.common.data_check import ensure_dataset
     from orchestration.config import load_config
-    from orchestration.data_check import ensure_dataset
 
     config = load_config("tiny", [f"data.uri={out}", "data.build_shapes_if_missing=false"])
     assert ensure_dataset(config).splits["train"].num_samples == 8

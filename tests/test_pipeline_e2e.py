@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from test_registry import mlflow_server  # noqa: F401,F811  (fixture: a real mlflow server)
 from test_submission import ray_head_process
 
-from orchestration.registry import list_versions
-from orchestration.submission import job_logs, job_status, stop_job, submit, wait_for_job
+from orchestration.jobs.submission import job_logs, job_status, stop_job, submit, wait_for_job
+from orchestration.registry.registry import list_versions
 
 pytestmark = pytest.mark.slow
 

@@ -20,14 +20,14 @@ from data_pipelines.shards import (
     check_manifest_shards,
 )
 from data_pipelines.storage import StorageError, resolve
-from orchestration.config import ConfigError, load_config
-from orchestration.data_check import check_batch_fits, ensure_dataset
-from orchestration.ray_runtime import (
+from orchestration.common.data_check import check_batch_fits, ensure_dataset
+from orchestration.common.ray_runtime import (
     Capacity,
     ClusterTooSmall,
     check_cluster_fits,
     cluster_capacity,
 )
+from orchestration.config import ConfigError, load_config
 
 
 def _png(value: int) -> bytes:

@@ -6,7 +6,7 @@ import logging
 def test_filtered_loggers_are_the_ones_ray_uses():
     from ray.train.v2._internal.execution import context, storage
 
-    from orchestration.quiet_logs import quiet_library_logs
+    from orchestration.common.quiet_logs import quiet_library_logs
 
     quiet_library_logs()
     for module in (context, storage):  # per-report dumps and "Checkpoint created" lines

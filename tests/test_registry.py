@@ -29,7 +29,7 @@ from models.clip_model import build_clip
 from models.decoder import DecoderConfig, UnCLIPDecoder
 from models.prior import PriorConfig, UnCLIPPrior
 from models.unclip_pipeline import UnCLIPPipeline
-from orchestration.registry import (
+from orchestration.registry.registry import (
     CANDIDATE,
     CHAMPION,
     RegistryError,
@@ -50,7 +50,7 @@ FAST = {"steps": 3, "seed": 7}
 
 
 def report(scores, evaluator="shapes-evaluator@0123456789abcdef", seed=0):
-    from orchestration.evaluation import EvalReport
+    from orchestration.evaluate.evaluation import EvalReport
 
     return EvalReport(metrics={}, per_caption={"clip_score": list(scores)}, captions_sha="c",
                       seed=seed, evaluator=evaluator)
@@ -284,7 +284,7 @@ def test_resolve_model_uri_forms(registry, pipeline_dir, tmp_path):
 
 
 def test_serving_a_missing_alias_fails_before_serve_starts(registry, monkeypatch):
-    from orchestration import serving
+    from orchestration.serve import serving
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a model that does not exist")
@@ -328,7 +328,7 @@ def test_cli_pieces_list_promote_and_generate(registry, pipeline_dir, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from orchestration.registry_cli import generate, models_app
+    from orchestration.serve.models_cli import generate, models_app
 
     app = typer.Typer()
     app.add_typer(models_app, name="models")

@@ -18,8 +18,8 @@ from data_pipelines.shards import manifest_hash
 from data_pipelines.storage import StorageError
 from models.unclip_pipeline import COMPONENTS, UnCLIPPipeline
 from orchestration.config import load_config
-from orchestration.evaluation import held_out_rows
-from orchestration.evaluator import load_evaluator
+from orchestration.evaluate.evaluation import held_out_rows
+from orchestration.evaluate.evaluator import load_evaluator
 from orchestration.release import half_parameters
 
 SETTINGS = ["data.uri=data/shapes", "storage_root=runs", "mlflow.tracking_uri=sqlite:///mlflow.db",
@@ -171,8 +171,8 @@ def test_a_release_folder_as_init_from_gives_its_component(tmp_path, monkeypatch
     """A saved pipeline (or a release: the same layout) as a stage's init_from: that component
     is exported as portable weights equal to the pipeline's, which a `steps: 0` stage takes
     as they are."""
-    from orchestration.tasks.base import load_portable
-    from orchestration.training_job import resolve_init_from
+    from orchestration.train.tasks.base import load_portable
+    from orchestration.train.training_job import resolve_init_from
 
     monkeypatch.chdir(tmp_path)
     save_small_pipeline(tmp_path / "model")

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from data_pipelines.settings import COLOURS, SHAPES
 from models.unclip_pipeline import COMPONENTS, UnCLIPPipeline
-from orchestration.evaluation import CaptionScorer
-from orchestration.evaluator import load_evaluator
+from orchestration.evaluate.evaluation import CaptionScorer
+from orchestration.evaluate.evaluator import load_evaluator
 from orchestration.release import read_release
 
 RELEASE = Path(__file__).resolve().parents[1] / "release" / "shapes"

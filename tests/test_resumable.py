@@ -16,7 +16,7 @@ from data_pipelines.settings import PreprocessSettings
 from data_pipelines.shards import Manifest, Sample, SplitInfo, write_shard
 from data_pipelines.storage import resolve
 from data_pipelines.streaming import bad_record_budget
-from orchestration.training_job import user_facing_reason
+from orchestration.train.training_job import user_facing_reason
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 SETTINGS = PreprocessSettings(image_size=8, context_length=8, hflip=False)

@@ -1,6 +1,6 @@
 """How an interrupted stage or pipeline run ends in MLflow."""
 
-from orchestration.training_job import ended_status
+from orchestration.train.training_job import ended_status
 
 
 class StopFromScheduler(BaseException):

@@ -22,8 +22,8 @@ import requests
 from PIL import Image
 from test_registry import IMAGE_SIZE, LINEAGE, free_port, save_tiny_pipeline
 
-from orchestration.registry import promote, register_pipeline
-from orchestration.serving import MAX_BODY_BYTES, MAX_IN_FLIGHT, GenerationJob, UnCLIPServer
+from orchestration.registry.registry import promote, register_pipeline
+from orchestration.serve.serving import MAX_BODY_BYTES, MAX_IN_FLIGHT, GenerationJob, UnCLIPServer
 
 MODEL = "unclip-serving"
 TIMEOUT = 120
@@ -33,7 +33,7 @@ TIMEOUT = 120
 def server(ray_session, tmp_path_factory):
     from ray import serve
 
-    from orchestration.serving import run_server
+    from orchestration.serve.serving import run_server
 
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -194,7 +194,7 @@ def test_requests_have_a_time_limit(server):
     outlives it answers 504 with a reason, and /health under that route still answers."""
     from ray import serve
 
-    from orchestration.serving import build_app
+    from orchestration.serve.serving import build_app
 
     app = build_app(f"models:/{MODEL}@champion", tracking_uri=mlflow.get_tracking_uri(),
                     num_cpus=0, request_timeout_s=0.01)
@@ -324,7 +324,7 @@ def test_services_bind_to_loopback_by_default(server):
 def test_local_ray_keeps_its_dashboard_on_loopback(monkeypatch):
     import ray
 
-    from orchestration import ray_runtime
+    from orchestration.common import ray_runtime
 
     calls = []
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # connect sets it otherwise
@@ -411,19 +411,19 @@ def test_torch_threads_follow_the_cpus_a_process_holds(ray_session):
     inter-op thread; a process outside Ray (`unclip generate`) leaves one core to the rest."""
     import ray
 
-    from orchestration.threads import available_cpus
+    from orchestration.common.threads import available_cpus
 
     @ray.remote(num_cpus=1)
     def pools():
         import torch
 
-        from orchestration.threads import set_torch_threads
+        from orchestration.common.threads import set_torch_threads
 
         set_torch_threads()
         return torch.get_num_threads(), torch.get_num_interop_threads()
 
     assert ray.get(pools.remote()) == (1, 1)
-    code = ("import torch; from orchestration.threads import set_torch_threads; "
+    code = ("import torch; from orchestration.common.threads import set_torch_threads; "
             "print(set_torch_threads(), torch.get_num_interop_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=TIMEOUT)

@@ -276,8 +276,8 @@ def test_embedding_job_through_faults(ray_session, faulty_s3_endpoint, s3_bucket
     import pyarrow.parquet as pq
     from stage_fixtures import fast_config, save_trained_clip
 
-    from orchestration.embed_job import run_embed
-    from orchestration.layout import DONE_FILE, portable_uri
+    from orchestration.common.layout import DONE_FILE, portable_uri
+    from orchestration.train.embed_job import run_embed
 
     config = fast_config(tmp_path, f"data.uri={s3_bucket}/shapes",
                          "data.shapes.train_size=48", "data.shapes.test_size=16",

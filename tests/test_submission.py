@@ -29,8 +29,8 @@ from loopback import free_ports
 from typer.testing import CliRunner
 
 from orchestration.config import ConfigError, load_config
-from orchestration.jobs_cli import register
-from orchestration.submission import (
+from orchestration.jobs.cli import register
+from orchestration.jobs.submission import (
     PASSTHROUGH_ENV,
     REPO_ROOT,
     SubmissionError,
@@ -394,7 +394,7 @@ def test_job_secrets_stay_out_of_logs_mlflow_artifacts_and_job_record(ray_head, 
 
     from mlflow.tracking import MlflowClient
 
-    from orchestration.submission import SECRET_ENV, job_logs
+    from orchestration.jobs.submission import SECRET_ENV, job_logs
 
     marker = uuid.uuid4().hex
     fakes = {name: f"fake-{name.lower().replace('_', '-')}-{marker}" for name in SECRET_ENV}

@@ -10,7 +10,7 @@ import torch
 from stage_fixtures import embedding_columns, fast_config, image_columns, save_trained_clip
 
 from orchestration.stages import STAGES, task_class
-from orchestration.tasks.base import load_portable, save_portable
+from orchestration.train.tasks.base import load_portable, save_portable
 
 CPU = torch.device("cpu")
 

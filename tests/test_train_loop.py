@@ -14,10 +14,10 @@ from stage_fixtures import fast_config, image_columns, save_trained_clip
 from torch import nn
 
 from data_pipelines.resumable import DataLayoutChanged
-from orchestration.loop_session import LocalSession, init_single_process_group
 from orchestration.stages import register_task, task_class, unregister_task
-from orchestration.tasks.base import EvalResult, Task, load_portable, to_tensor
-from orchestration.train_loop import WorkerSpec, train_worker
+from orchestration.train.loop_session import LocalSession, init_single_process_group
+from orchestration.train.tasks.base import EvalResult, Task, load_portable, to_tensor
+from orchestration.train.train_loop import WorkerSpec, train_worker
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_clip_temperature_clamp_holds_at_every_zero_stage(tmp_path, data, zero_s
     one optimizer step the clamp has written log(100) back, partitioned or not."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-    from orchestration.train_loop import TrainLoop
+    from orchestration.train.train_loop import TrainLoop
 
     config = fast_config(tmp_path, "clip.steps=1", "clip.batch_size=8", "clip.log_every=1",
                          f"deepspeed.zero_stage={zero_stage}")
@@ -223,7 +223,7 @@ def test_zero3_builds_partitioned_with_the_zero0_initial_weights_and_trains(
     """Under ZeRO-3 every stage's model is built partitioned (zero.Init), and the library
     inits that run on already-built children still hold: the first weights equal ZeRO-0's,
     including the zeroed residual outputs of the decoder."""
-    from orchestration.train_loop import TrainLoop
+    from orchestration.train.train_loop import TrainLoop
 
     initial = {}
     for zero_stage in (0, 3):

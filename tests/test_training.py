@@ -9,11 +9,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from orchestration.common.layout import portable_uri, stage_done
 from orchestration.config import load_config
-from orchestration.embed_job import run_embed
-from orchestration.layout import portable_uri, stage_done
-from orchestration.tasks.base import load_portable
-from orchestration.training_job import StageError, run_stage
+from orchestration.train.embed_job import run_embed
+from orchestration.train.tasks.base import load_portable
+from orchestration.train.training_job import StageError, run_stage
 
 pytestmark = pytest.mark.slow
 

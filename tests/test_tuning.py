@@ -210,7 +210,7 @@ def save_small_pipeline(directory) -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_guidance_sweep_logs_metrics_plot_and_tags_model_version(tmp_path):
-    from orchestration.registry import register_pipeline
+    from orchestration.registry.registry import register_pipeline
     from tuning.guidance_sweep import BEST_DECODER_TAG, run_guidance_sweep
 
     config = load_config("tiny", [
@@ -267,7 +267,7 @@ def test_guidance_sweep_logs_metrics_plot_and_tags_model_version(tmp_path):
 
     # loaders of that version now default to the chosen scale; the saved folder is untouched
     from models.unclip_pipeline import UnCLIPPipeline
-    from orchestration.registry import resolve_model_uri
+    from orchestration.registry.registry import resolve_model_uri
 
     loaded = UnCLIPPipeline.load(resolve_model_uri(f"models:/tiny-guid/{version}",
                                                    tracking_uri=config.mlflow.tracking_uri))

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_registry import IMAGE_SIZE, LINEAGE, free_port, save_tiny_pipeline
 
-from orchestration.registry import promote, register_pipeline
+from orchestration.registry.registry import promote, register_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def registry_uri(tmp_path_factory):
 def app_url(ray_session, registry_uri):
     from ray import serve
 
-    from orchestration.web_app import app_models, run_web_app
+    from orchestration.serve.web_app import app_models, run_web_app
 
     models = app_models(None, tracking_uri=registry_uri, registered_model=MODEL)
     assert models == [CHAMPION, CANDIDATE]
@@ -177,7 +177,7 @@ def test_variations_interpolation_and_text_diff(tmp_path):
     """The other three tabs' actions on a local tiny pipeline (no browser: same handlers)."""
     import gradio as gr
 
-    from orchestration.web_app import ModelCache, Page, page_errors
+    from orchestration.serve.web_app import ModelCache, Page, page_errors
 
     pipeline = str(save_tiny_pipeline(tmp_path / "pipeline"))
     photo = tmp_path / "photo.png"

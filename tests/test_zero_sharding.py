@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 from stage_fixtures import fast_config, image_columns
 
-from orchestration.loop_session import LocalSession
+from orchestration.train.loop_session import LocalSession
 
 WORLD = 2
 STEPS = ["clip.batch_size=4", "clip.log_every=2", "clip.checkpoint_every=2"]
@@ -42,7 +42,7 @@ class RankSession(LocalSession):
 def _loop(root: Path, data, rank: int, zero_stage: int, name: str, *extra: str,
           run_id: str | None = None, **spec_fields):
     from orchestration.stages import task_class
-    from orchestration.train_loop import TrainLoop, WorkerSpec
+    from orchestration.train.train_loop import TrainLoop, WorkerSpec
 
     config = fast_config(root, f"deepspeed.zero_stage={zero_stage}", *STEPS, *extra)
     spec = WorkerSpec(config=config, task=task_class("clip"), run_id=run_id,
@@ -58,7 +58,7 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
 
 def _facts(rank: int, root: Path, run_id: str) -> dict:
     """What the test asserts, from this rank (rank 0 alone compares weights)."""
-    from orchestration.tasks.base import load_portable
+    from orchestration.train.tasks.base import load_portable
 
     base = fast_config(root)
     data = {"train": image_columns(base, "train", 32), "test": image_columns(base, "test", 8)}

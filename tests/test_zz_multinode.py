@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from data_pipelines.storage import resolve
 from orchestration.config import load_config
-from orchestration.training_job import run_stage
+from orchestration.train.training_job import run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def _expected_keys(config, steps: int) -> dict[int, list[str]]:
     follows from the seed alone, whatever node a worker runs on."""
     from data_pipelines.resumable import Position
     from data_pipelines.streaming import bad_record_budget
-    from orchestration.tasks.clip import ClipTask
+    from orchestration.train.tasks.clip import ClipTask
 
     batch = config.clip.batch_size
     with bad_record_budget(0.01) as counter:

@@ -27,20 +27,20 @@ from ray import tune
 
 from data_pipelines.storage import resolve
 from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
-from orchestration.config import Config, ConfigError
-from orchestration.data_check import ensure_dataset
-from orchestration.evaluation import CaptionScorer, held_out_rows, score_images
-from orchestration.evaluator import Evaluator, ensure_evaluator, load_evaluator
-from orchestration.ray_runtime import connect
-from orchestration.registry import TUNED_SAMPLING_TAGS, model_version, resolve_model_uri
-from orchestration.threads import set_torch_threads
-from orchestration.tracking import (
+from orchestration.common.data_check import ensure_dataset
+from orchestration.common.ray_runtime import connect
+from orchestration.common.threads import set_torch_threads
+from orchestration.common.tracking import (
     experiment_id,
     log_metrics,
     log_png,
     log_text,
     set_tags,
 )
+from orchestration.config import Config, ConfigError
+from orchestration.evaluate.evaluation import CaptionScorer, held_out_rows, score_images
+from orchestration.evaluate.evaluator import Evaluator, ensure_evaluator, load_evaluator
+from orchestration.registry.registry import TUNED_SAMPLING_TAGS, model_version, resolve_model_uri
 from tuning.guidance_space import SearchSpace, search_space
 from tuning.objective import METRICS, parse_objective
 from tuning.report import guidance_plot, trial_table_csv, trial_table_markdown

@@ -24,12 +24,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from data_pipelines.storage import is_s3_uri, resolve
-from orchestration.config import Config, ConfigError, dump_yaml
-from orchestration.data_check import ensure_dataset
-from orchestration.layout import DONE_FILE, portable_uri, stage_done
-from orchestration.ray_runtime import check_cluster_fits, connect
-from orchestration.stages import UnknownStage, task_class
-from orchestration.tracking import (
+from orchestration.common.data_check import ensure_dataset
+from orchestration.common.layout import DONE_FILE, portable_uri, stage_done
+from orchestration.common.ray_runtime import check_cluster_fits, connect
+from orchestration.common.tracking import (
     client_for,
     find_or_create_run,
     log_config,
@@ -37,7 +35,9 @@ from orchestration.tracking import (
     log_text,
     set_tags,
 )
-from orchestration.training_job import run_stage
+from orchestration.config import Config, ConfigError, dump_yaml
+from orchestration.stages import UnknownStage, task_class
+from orchestration.train.training_job import run_stage
 from tuning.report import log_lr_plot, trial_table_csv, trial_table_markdown
 from tuning.search_space import apply_params, check_space, describe
 

@@ -8,7 +8,7 @@ import math
 
 from PIL import Image
 
-from orchestration.tracking import log_png
+from orchestration.common.tracking import log_png
 
 STATUS_MARKERS = {"completed": "o", "stopped_early": "v", "diverged": "X", "error": "s"}
 

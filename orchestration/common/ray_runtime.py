@@ -14,8 +14,8 @@ from pathlib import Path
 import ray
 import ray.data
 
+from orchestration.common.quiet_logs import SETUP_HOOK, quiet_library_logs
 from orchestration.config import Config, ConfigError
-from orchestration.quiet_logs import SETUP_HOOK, quiet_library_logs
 
 LOOPBACK = "127.0.0.1"
 # Written by the cluster launcher (`ray up`) on the head node, where submitted jobs run: the

@@ -1,6 +1,6 @@
 """Stage `eval`: assemble the text-to-image pipeline and score it on held-out captions.
 
-Every score comes from the dataset's reference evaluator (`orchestration.evaluator`), never
+Every score comes from the dataset's reference evaluator (`orchestration.evaluate.evaluator`), never
 from the model under test: Frechet distance on principal components and KID in its feature
 space, precision/recall/F1, CLIP score, R-precision and, on structured (shapes) captions,
 per-attribute accuracy and the zero-shot captions of Luo 2023 (sec. 4.6.4: rephrased, shape
@@ -39,11 +39,11 @@ from models.metrics import (
     ranks_true_first,
 )
 from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
+from orchestration.common.layout import portable_uri
 from orchestration.config import Config, ConfigError
-from orchestration.evaluator import Evaluator
-from orchestration.layout import portable_uri
+from orchestration.evaluate.evaluator import Evaluator
 from orchestration.stages import STAGES
-from orchestration.tasks.base import load_portable
+from orchestration.train.tasks.base import load_portable
 
 
 @dataclass
@@ -315,10 +315,10 @@ def evaluate_model(model_uri: str, config: Config, out_dir: Path, log=print,
     import dataclasses
     import tempfile
 
-    from orchestration.data_check import ensure_dataset
-    from orchestration.evaluator import ensure_evaluator
-    from orchestration.ray_runtime import connect
-    from orchestration.registry import resolve_model_uri
+    from orchestration.common.data_check import ensure_dataset
+    from orchestration.common.ray_runtime import connect
+    from orchestration.evaluate.evaluator import ensure_evaluator
+    from orchestration.registry.registry import resolve_model_uri
 
     connect(config)
     ensure_dataset(config, log=log)

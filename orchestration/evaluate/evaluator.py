@@ -20,8 +20,8 @@ from torch import nn
 
 from data_pipelines.shards import manifest_hash
 from data_pipelines.storage import StorageError, resolve
+from orchestration.common.layout import portable_uri, stage_done
 from orchestration.config import Config
-from orchestration.layout import portable_uri, stage_done
 
 AUTO = "auto"
 TEXT_BATCH = 512
@@ -56,7 +56,7 @@ class Evaluator:
 def load_evaluator(uri: str, *, identity: str | None = None) -> Evaluator:
     """A portable CLIP folder (local or s3://) as an evaluator (`identity` keeps the original's
     name for a copy)."""
-    from orchestration.tasks.base import load_portable, read_portable_config
+    from orchestration.train.tasks.base import load_portable, read_portable_config
 
     location = resolve(uri)
     if not location.join("weights.safetensors").exists():
@@ -109,7 +109,7 @@ def ensure_evaluator(config: Config, log=print) -> Evaluator:
     if config.eval.evaluator.uri == AUTO:
         training = evaluator_training_config(config)
         if not stage_done(training, "clip"):
-            from orchestration.training_job import run_stage
+            from orchestration.train.training_job import run_stage
 
             log(f"[eval] training this dataset's reference evaluator ({training.run_name}, "
                 f"clip preset {training.clip.preset}, {training.clip.steps} steps); "
@@ -128,7 +128,7 @@ def register_evaluator(training: Config, run_id: str) -> None:
 
     from pyarrow.fs import LocalFileSystem, copy_files
 
-    from orchestration.tracking import client_for
+    from orchestration.common.tracking import client_for
 
     client = client_for(training.mlflow.tracking_uri)
     location = resolve(portable_uri(training, "clip"))

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from orchestration.submission import SubmissionError, default_address
+from orchestration.jobs.submission import SubmissionError, default_address
 
 __all__ = ["SUBMIT_CONTEXT_SETTINGS", "SubmissionError", "jobs_app", "register", "submit_command"]
 
@@ -48,7 +48,7 @@ def submit_command(
         "Ray stores them in its job table (Jobs API, dashboard)")] = False,
 ) -> None:
     """Submit an unclip command to a Ray cluster: unclip submit [--config F] -- pipeline ..."""
-    from orchestration.submission import job_status, submit
+    from orchestration.jobs.submission import job_status, submit
 
     url = _address(address)
     job_id = submit(url, list(ctx.args), config_path=config, wait=wait,
@@ -67,7 +67,7 @@ def submit_command(
 @jobs_app.command("list")
 def list_command(address: AddressOpt = None) -> None:
     """Every job on the cluster: id, status, start time, command."""
-    from orchestration.submission import list_jobs
+    from orchestration.jobs.submission import list_jobs
 
     jobs = list_jobs(_address(address))
     if not jobs:
@@ -80,7 +80,7 @@ def list_command(address: AddressOpt = None) -> None:
 @jobs_app.command("status")
 def status_command(job_id: JobIdArg, address: AddressOpt = None) -> None:
     """Status, message and times of one job (exit code 1 if it failed or was stopped)."""
-    from orchestration.submission import job_status
+    from orchestration.jobs.submission import job_status
 
     info = job_status(_address(address), job_id)
     typer.echo(f"{job_id}: {info.status}")
@@ -100,7 +100,7 @@ def logs_command(
     = False,
 ) -> None:
     """The job's driver logs (what its unclip command printed)."""
-    from orchestration.submission import job_logs
+    from orchestration.jobs.submission import job_logs
 
     job_logs(_address(address), job_id, follow=follow, out=sys.stdout)
 
@@ -108,7 +108,7 @@ def logs_command(
 @jobs_app.command("stop")
 def stop_command(job_id: JobIdArg, address: AddressOpt = None) -> None:
     """Stop a running job."""
-    from orchestration.submission import stop_job
+    from orchestration.jobs.submission import stop_job
 
     stopped = stop_job(_address(address), job_id)
     typer.echo(f"{job_id}: {'stop requested' if stopped else 'already finished'}", err=True)

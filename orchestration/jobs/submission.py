@@ -185,7 +185,7 @@ def entrypoint_for(args: list[str]) -> str:
 def runtime_env_for(working_dir: Path = REPO_ROOT,
                     env_passthrough: Iterable[str] = SETTINGS_ENV) -> dict:
     env_vars = {name: os.environ[name] for name in env_passthrough if os.environ.get(name)}
-    from orchestration.quiet_logs import SETUP_HOOK
+    from orchestration.common.quiet_logs import SETUP_HOOK
 
     return {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES),
             "env_vars": env_vars, "worker_process_setup_hook": SETUP_HOOK}

@@ -1,7 +1,7 @@
 """The MLflow Model Registry side: register a pipeline, gate promotion, resolve model URIs.
 
-A version is a pyfunc (orchestration/pyfunc_model.py) whose artifacts are the saved pipeline
-directory plus a copy of the `models` package, so it loads where only the model exists.
+A version is a pyfunc (orchestration/registry/pyfunc_model.py) whose artifacts are the saved
+pipeline directory plus a copy of the `models` package, so it loads where only the model exists.
 Lineage (component runs, dataset and manifest hash) and evaluation metrics are version tags,
 because the promotion gate and `unclip models list` read them without touching the runs.
 MLflow 3 aliases replace stages: new versions get `candidate`, the gate moves `champion`.
@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from data_pipelines.storage import has_credentials
-from orchestration import pyfunc_model
+from orchestration.registry import pyfunc_model
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_NAME_IN_RUN = "unclip-pipeline"
@@ -237,7 +237,7 @@ def paired_gate(client: MlflowClient, model_name: str, version: int | str, *, me
     """The promotion gate: `champion` moves to `version` only when the candidate beats the
     champion on `metric` beyond the uncertainty.
 
-    `candidate` is the version's evaluation report (`orchestration.evaluation.EvalReport`);
+    `candidate` is the version's evaluation report (`orchestration.evaluate.evaluation.EvalReport`);
     `champion_report(champion_version)` returns the champion's on the same captions, seeds and
     evaluator. The per-caption differences are resampled (paired bootstrap): promotion needs
     the 95% interval of the mean difference to lie above zero. The decision, the interval and

@@ -46,7 +46,7 @@ def list_models(
     """Versions with their aliases and key metrics, oldest first."""
     settings = _mlflow_config(config)
     name = name or settings.registered_model
-    from orchestration.registry import list_versions
+    from orchestration.registry.registry import list_versions
 
     rows = list_versions(name, tracking_uri=tracking_uri or settings.tracking_uri)
     if as_json:
@@ -74,7 +74,7 @@ def promote_model(
 ) -> None:
     """Explicitly move the `champion` alias to VERSION (bypasses the metric gate)."""
     uri = _tracking_uri(config, tracking_uri)
-    from orchestration.registry import promote
+    from orchestration.registry.registry import promote
 
     promote(name, version, tracking_uri=uri)
     typer.echo(f"{name} v{version} is now champion (models:/{name}@champion)")
@@ -99,13 +99,13 @@ def generate(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Generate images from a registered model, run or local directory into a PNG grid."""
-    from orchestration.pyfunc_model import (
+    from orchestration.registry.pyfunc_model import (
         InvalidRequest,
         check_model_limits,
         check_options,
         check_prompt,
     )
-    from orchestration.pyfunc_model import generate_kwargs as to_kwargs
+    from orchestration.registry.pyfunc_model import generate_kwargs as to_kwargs
 
     try:
         prompts = [check_prompt(p) for p in prompt]
@@ -116,8 +116,8 @@ def generate(
         raise _flag_error(exc) from None
     uri = _uri_if_needed(model, config, tracking_uri)
     from models.unclip_pipeline import UnCLIPPipeline, images_to_grid
-    from orchestration.registry import resolve_model_uri
-    from orchestration.threads import set_torch_threads
+    from orchestration.common.threads import set_torch_threads
+    from orchestration.registry.registry import resolve_model_uri
 
     set_torch_threads()  # torch's default pools oversubscribe a shared machine (threads.py)
     with tempfile.TemporaryDirectory(prefix="unclip-generate-") as download:
@@ -137,7 +137,7 @@ def generate(
 
 def _flag_error(exc) -> Exception:
     """An option's InvalidRequest, named by the command-line flag the user typed."""
-    from orchestration.registry import RegistryError
+    from orchestration.registry.registry import RegistryError
 
     flag = CLI_FLAGS.get(exc.field, f"--{exc.field.replace('_', '-')}")
     return RegistryError(f"{flag}: {exc.reason}")
@@ -164,8 +164,8 @@ def serve(
 
     uri = _uri_if_needed(model, config, tracking_uri)
     cfg = load_config(config)
-    from orchestration.ray_runtime import connect
-    from orchestration.serving import run_server
+    from orchestration.common.ray_runtime import connect
+    from orchestration.serve.serving import run_server
 
     connect(cfg)  # the config's Ray address, $RAY_ADDRESS or a local instance
     typer.echo(f"serving {model} at http://{host}:{port}/ (GET /health; POST JSON "

@@ -36,7 +36,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from orchestration.pyfunc_model import (
+from orchestration.common.ray_runtime import connect
+from orchestration.registry.pyfunc_model import (
     InvalidRequest,
     check_model_limits,
     check_options,
@@ -44,7 +45,6 @@ from orchestration.pyfunc_model import (
     encode_png,
     generate_kwargs,
 )
-from orchestration.ray_runtime import connect
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_BATCH_SIZE = 8
@@ -141,8 +141,8 @@ class UnCLIPServer:
         import torch
 
         from models.unclip_pipeline import UnCLIPPipeline
-        from orchestration.registry import resolve_model_uri
-        from orchestration.threads import set_torch_threads
+        from orchestration.common.threads import set_torch_threads
+        from orchestration.registry.registry import resolve_model_uri
 
         set_torch_threads()  # the CPUs Ray reserved for this replica (num_cpus), not all cores
         start = time.monotonic()
@@ -311,7 +311,7 @@ def run_server(model_uri: str, *, tracking_uri: str | None = None, host: str = "
     line, before Ray or Serve start). Connects to Ray first if nothing has (RAY_ADDRESS or a
     local instance). With blocking, serves until Ctrl-C or SIGTERM and then shuts Serve down.
     """
-    from orchestration.registry import check_model_uri
+    from orchestration.registry.registry import check_model_uri
 
     check_model_uri(model_uri, tracking_uri=tracking_uri)
     connect()  # no-op when already connected

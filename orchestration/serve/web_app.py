@@ -10,8 +10,8 @@ the version's metrics and lineage from its registry tags, and draws every result
 one gallery row per model, so the same caption and seed line up across models (the comic-strip
 gallery of Sanchez Bermudez 2022, sec. 4.4). Besides captions -> images it does the
 variations, interpolations and text diffs of Ramesh et al. 2022, sec. 3. Input is checked with
-the limits of `orchestration.pyfunc_model`, so the page, the API and the CLI refuse the same
-things with the same message.
+the limits of `orchestration.registry.pyfunc_model`, so the page, the API and the CLI refuse
+the same things with the same message.
 """
 
 from __future__ import annotations
@@ -37,17 +37,17 @@ from data_pipelines.images import BadImage, decode_image
 from data_pipelines.settings import PreprocessSettings
 from data_pipelines.streaming import preprocess_image
 from models.unclip_pipeline import UnCLIPPipeline
-from orchestration import registry
-from orchestration.pyfunc_model import (
+from orchestration.common.ray_runtime import connect
+from orchestration.registry import registry
+from orchestration.registry.pyfunc_model import (
     MAX_PROMPTS,
     InvalidRequest,
     check_options,
     check_prompt,
     generate_kwargs,
 )
-from orchestration.ray_runtime import connect
-from orchestration.registry import RegistryError
-from orchestration.serving import UnCLIPServer, serve_until_stopped
+from orchestration.registry.registry import RegistryError
+from orchestration.serve.serving import UnCLIPServer, serve_until_stopped
 
 APP_NAME = "unclip-app"
 MAX_MODELS_LOADED = 4  # pipelines kept in the replica; the least recently used goes first

@@ -26,11 +26,11 @@ from data_pipelines.shards import manifest_hash, read_manifest
 from data_pipelines.storage import StorageError, resolve
 from data_pipelines.streaming import bad_record_budget, image_caption_dataset
 from models.clip_model import encode_text_with_tokens
+from orchestration.common.data_check import ensure_dataset
+from orchestration.common.layout import DONE_FILE, portable_uri, require_stage
+from orchestration.common.ray_runtime import connect
 from orchestration.config import Config
-from orchestration.data_check import ensure_dataset
-from orchestration.layout import DONE_FILE, portable_uri, require_stage
-from orchestration.ray_runtime import connect
-from orchestration.tasks.base import load_portable
+from orchestration.train.tasks.base import load_portable
 
 BATCH_SIZE = 256
 SPLITS = ("train", "test")

@@ -1,7 +1,7 @@
 """The one training loop, run by every Ray Train worker for every stage.
 
 It owns the DeepSpeed engine, the LR schedule, EMA, seeding, data iteration, metrics,
-evaluation, checkpoints and resumption; the stage's task (`orchestration.tasks`) supplies
+evaluation, checkpoints and resumption; the stage's task (`orchestration.train.tasks`) supplies
 the model, the batch-to-tensor mapping, the loss, per-step hooks and the evaluation. It
 reads as a chain: `run -> train_step -> end_of_step -> (log_window, evaluate, checkpoint)`.
 """
@@ -34,8 +34,10 @@ from data_pipelines.resumable import (
     layout_difference,
 )
 from models.flops import mfu, peak_bf16_flops
+from orchestration.common.layout import PORTABLE_DIR
+from orchestration.common.tracking import client_for, log_metrics, log_png
 from orchestration.config import Config
-from orchestration.engine_setup import (
+from orchestration.train.engine_setup import (
     EMA,
     build_optimizer,
     deepspeed_config,
@@ -44,10 +46,8 @@ from orchestration.engine_setup import (
     resolved_precision,
     warmup_cosine,
 )
-from orchestration.layout import PORTABLE_DIR
-from orchestration.loop_session import RankStream
-from orchestration.tasks.base import LossModule, Task, load_portable_into, save_portable
-from orchestration.tracking import client_for, log_metrics, log_png
+from orchestration.train.loop_session import RankStream
+from orchestration.train.tasks.base import LossModule, Task, load_portable_into, save_portable
 
 logger = logging.getLogger("unclip.train")
 ENGINE_TAG = "engine"
@@ -97,8 +97,8 @@ class Window:
 def train_worker(spec: WorkerSpec, session=None) -> None:
     """Ray Train's per-worker entry (or, with a `LocalSession`, the single-process loop)."""
     if session is None:
-        from orchestration.loop_session import RaySession
-        from orchestration.quiet_logs import quiet_library_logs
+        from orchestration.common.quiet_logs import quiet_library_logs
+        from orchestration.train.loop_session import RaySession
 
         quiet_library_logs()  # again: Ray Train configures its loggers after the setup hook
         session = RaySession(spec.train_stream)

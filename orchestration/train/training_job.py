@@ -1,7 +1,7 @@
 """Driver side of a training stage: the task's datasets and inputs, the MLflow run, the
 TorchTrainer, and the portable export.
 
-Outputs follow `orchestration.layout`. Rerunning with the same run name resumes from the
+Outputs follow `orchestration.common.layout`. Rerunning with the same run name resumes from the
 latest checkpoint (Ray Train V2 restores a run from its storage path and name); the MLflow
 run is found again by its run key.
 """
@@ -25,8 +25,14 @@ from data_pipelines.storage import (
     retry_misfiled_transient,
     s3_filesystem,
 )
+from orchestration.common.layout import (
+    DONE_FILE,
+    PORTABLE_DIR,
+    portable_uri,
+    require_stage,
+    stage_uri,
+)
 from orchestration.config import Config
-from orchestration.layout import DONE_FILE, PORTABLE_DIR, portable_uri, require_stage, stage_uri
 from orchestration.stages import task_class
 
 
@@ -57,8 +63,8 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
     hooks of `WorkerSpec` (fault injection, the sample log).
     """
     from data_pipelines.streaming import bad_record_budget
-    from orchestration.data_check import check_batch_fits, ensure_dataset
-    from orchestration.ray_runtime import check_cluster_fits, connect
+    from orchestration.common.data_check import check_batch_fits, ensure_dataset
+    from orchestration.common.ray_runtime import check_cluster_fits, connect
 
     task = task_class(stage)(config)
     connect(config)
@@ -79,7 +85,7 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
         run_id = _stage_run(config, stage, parent_run_id, tags)
         init_from = (resolve_init_from(task.stage.init_from, config, stage)
                      if task.stage.init_from else None)
-        from orchestration.train_loop import WorkerSpec
+        from orchestration.train.train_loop import WorkerSpec
 
         spec = WorkerSpec(config=config, task=type(task), run_id=run_id,
                           train_samples=train_samples, train_stream=datasets["train"],
@@ -109,7 +115,7 @@ def refuse_changed_layout(config: Config, stage: str, plan) -> None:
 
 def _stage_run(config: Config, stage: str, parent_run_id: str | None, tags: dict | None) -> str:
     """The stage's MLflow run (found again on resume), with config, dataset and lineage."""
-    from orchestration.tracking import (
+    from orchestration.common.tracking import (
         client_for,
         find_or_create_run,
         log_config,
@@ -135,8 +141,8 @@ def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestration.tracking import client_for, log_loss_curves
-    from orchestration.train_loop import train_worker
+    from orchestration.common.tracking import client_for, log_loss_curves
+    from orchestration.train.train_loop import train_worker
 
     config, stage = spec.config, spec.task.name
     scaling, stage_config = config.scaling, config.stage(stage)
@@ -242,8 +248,8 @@ def resolve_init_from(init_from: str, config: Config, stage: str) -> str:
             whole_pipeline = not source.is_s3  # a saved pipeline or release folder
     if whole_pipeline:
         from models.unclip_pipeline import UnCLIPPipeline
-        from orchestration.registry import resolve_model_uri
-        from orchestration.tasks.base import save_portable
+        from orchestration.registry.registry import resolve_model_uri
+        from orchestration.train.tasks.base import save_portable
 
         directory = resolve_model_uri(init_from, tracking_uri=config.mlflow.tracking_uri)
         module = getattr(UnCLIPPipeline.load(directory), stage)
@@ -271,7 +277,7 @@ def adopt_weights(config: Config, stage: str, parent_run_id: str | None, tags: d
         target.join(name).write_bytes(portable.join(name).read_bytes())
     done = {"step": 0, "adopted_from": source, "finished_unix": time.time()}
     target.join(DONE_FILE).write_text(json.dumps(done, indent=2))
-    from orchestration.tracking import client_for
+    from orchestration.common.tracking import client_for
 
     client_for(config.mlflow.tracking_uri).set_terminated(run_id, status="FINISHED")
     log(f"[{stage}] steps 0: took the weights of {source} untrained; at "

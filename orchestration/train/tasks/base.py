@@ -76,7 +76,7 @@ class Task:
     def datasets(self, counter) -> dict:
         """{"train": a `TrainStream` each worker opens at its own position, "test": a Ray
         dataset}; `counter` budgets unreadable records."""
-        from orchestration.tasks.data import image_datasets
+        from orchestration.train.tasks.data import image_datasets
 
         return image_datasets(self.config, self.image_columns, counter)
 

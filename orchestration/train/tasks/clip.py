@@ -21,8 +21,8 @@ from models.clip_model import (
 )
 from models.metrics import zero_shot_topk
 from models.presets import CLIP_PRESETS
-from orchestration.engine_setup import clamp_parameter_
-from orchestration.tasks.base import EvalResult, Task, to_tensor
+from orchestration.train.engine_setup import clamp_parameter_
+from orchestration.train.tasks.base import EvalResult, Task, to_tensor
 
 
 class ClipTask(Task):

@@ -11,8 +11,8 @@ from models.clip_model import encode_text_with_tokens
 from models.decoder import build_decoder
 from models.presets import build_decoder_preset, decoder_preset_config
 from models.unclip_pipeline import images_to_grid
-from orchestration.tasks.base import EvalResult, Task, to_tensor
-from orchestration.tasks.frozen_clip import clip_sizes, load_frozen_clip, preset_clip_sizes
+from orchestration.train.tasks.base import EvalResult, Task, to_tensor
+from orchestration.train.tasks.frozen_clip import clip_sizes, load_frozen_clip, preset_clip_sizes
 
 GRID_IMAGES = 8  # real vs generated pairs in the evaluation grid
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from orchestration.layout import portable_uri
-from orchestration.tasks.base import load_portable, read_portable_config
+from orchestration.common.layout import portable_uri
+from orchestration.train.tasks.base import load_portable, read_portable_config
 
 
 def clip_weights_uri(config) -> str:

@@ -13,10 +13,10 @@ from data_pipelines.storage import resolve
 from models.metrics import prior_cosines
 from models.presets import build_prior_preset, prior_preset_config
 from models.prior import build_prior
-from orchestration.layout import inputs_uri
-from orchestration.tasks.base import EvalResult, Task, to_tensor
-from orchestration.tasks.data import embedding_datasets, embedding_split, embeddings_manifest
-from orchestration.tasks.frozen_clip import clip_sizes, preset_clip_sizes
+from orchestration.common.layout import inputs_uri
+from orchestration.train.tasks.base import EvalResult, Task, to_tensor
+from orchestration.train.tasks.data import embedding_datasets, embedding_split, embeddings_manifest
+from orchestration.train.tasks.frozen_clip import clip_sizes, preset_clip_sizes
 
 NORM_SAMPLE_ROWS = 2048  # image embeddings the normalisation statistics are taken from
 NORM_SAMPLE_FILE = "norm_sample.npy"
