@@ -23,3 +23,28 @@ def test_optimizer_groups_and_fused_only_on_cuda():
     if torch.cuda.is_available():
         on_gpu = build_optimizer(model.cuda(), stage, DeepSpeedConfig())
         assert on_gpu.param_groups[0]["fused"] is True
+
+
+def test_method_replaced_restores_own_and_inherited_methods():
+    """ZeRO-3 construction wraps library init methods for the block only; afterwards each
+    class is exactly as it was, whether it defined the method or inherited it."""
+    from orchestration.train.engine_setup import _method_replaced
+
+    class Base:
+        def init(self):
+            return "base"
+
+    class Child(Base):
+        pass
+
+    class Own(Base):
+        def init(self):
+            return "own"
+
+    original = Own.__dict__["init"]
+    with _method_replaced(Child, "init", lambda self: "wrapped"), \
+            _method_replaced(Own, "init", lambda self: "wrapped"):
+        assert [Child().init(), Own().init(), Base().init()] == ["wrapped", "wrapped", "base"]
+    assert "init" not in Child.__dict__
+    assert Own.__dict__["init"] is original
+    assert [Child().init(), Own().init()] == ["base", "own"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import ExitStack, contextmanager
-from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -105,12 +104,28 @@ def partitioned_construction(ds_config: dict, zero_stage: int, child_inits=()):
 
     with ExitStack() as stack:
         for cls, name in child_inits:
-            stack.enter_context(mock.patch.object(cls, name, _gathered(getattr(cls, name))))
+            stack.enter_context(_method_replaced(cls, name, _gathered(getattr(cls, name))))
         # device only: the default also casts every float tensor built inside, which would
         # turn the diffusion schedules' float64 into float32
         stack.enter_context(deepspeed.zero.Init(
             config_dict_or_path=ds_config, tensor_overrides=[DeepSpeedTensorOverride.device]))
         yield
+
+
+@contextmanager
+def _method_replaced(cls: type, name: str, replacement):
+    """`cls.name` is `replacement` inside the block; the class is restored as it was after,
+    also when the method was inherited rather than defined on `cls` itself."""
+    own = name in cls.__dict__
+    original = cls.__dict__.get(name)
+    setattr(cls, name, replacement)
+    try:
+        yield
+    finally:
+        if own:
+            setattr(cls, name, original)
+        else:
+            delattr(cls, name)
 
 
 def _gathered(method):
