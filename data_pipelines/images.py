@@ -16,6 +16,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data_pipelines.image_errors import BadImage
+
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "gif", "tif", "tiff", "bmp"})
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 MAX_IMAGE_PIXELS = 64_000_000
@@ -30,10 +32,6 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyErr
 # The warnings filter is process-global; serialising the (header-only) open keeps concurrent
 # decoders from restoring each other's filters. Pixel decoding still runs in parallel.
 _OPEN_LOCK = threading.Lock()
-
-
-class BadImage(ValueError):
-    """An image file that cannot be used; the message is a short reason."""
 
 
 def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:

@@ -24,7 +24,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from data_pipelines.images import BadImage
+from data_pipelines.image_errors import BadImage
 
 RANGE_PERCENTILES = (0.1, 99.9)
 _PHOTOMETRIC = tifffile.PHOTOMETRIC
