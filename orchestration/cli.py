@@ -7,6 +7,7 @@ validated, so `--help` and bad input answer at once.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import signal
 import sys
@@ -21,17 +22,27 @@ from orchestration.config import Config, ConfigError, load_config
 from orchestration.jobs.cli import register as register_job_commands
 from orchestration.serve.models_cli import generate, models_app, serve
 from orchestration.stages import STAGES
-from tuning.cli import tune_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train and serve unCLIP text-to-image models on Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Build, import and inspect datasets.")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models", help="Registered models: list versions, promote.")
-app.add_typer(tune_app, name="tune")
 app.command("generate")(generate)
 app.command("serve")(serve)
 register_job_commands(app)
+
+
+def _mount_command_groups(app: typer.Typer) -> None:
+    """Command groups of the packages layered above orchestration (tuning's `unclip tune`)
+    are listed in one place, the `unclip.commands` entry points of pyproject.toml, and
+    mounted here, so orchestration never imports the layers built on top of it."""
+    for entry in sorted(importlib.metadata.entry_points(group="unclip.commands"),
+                        key=lambda e: e.name):
+        app.add_typer(entry.load(), name=entry.name)
+
+
+_mount_command_groups(app)
 
 ConfigOpt = Annotated[str | None, typer.Option(
     "--config", "-c", help="YAML config file or shipped name (default: tiny)")]

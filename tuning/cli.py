@@ -1,4 +1,5 @@
-"""`unclip tune lr|guidance`: the two sweeps as commands (mounted by orchestration.cli).
+"""`unclip tune lr|guidance`: the two sweeps as commands (mounted as `unclip tune` through the
+`unclip.commands` entry point in pyproject.toml).
 
 Errors a user can fix are ConfigError subclasses, which `unclip`'s main prints as one line.
 """
