@@ -134,6 +134,33 @@ class DecoderUNet(nn.Module):
         self.time_conditioning = TimeConditioning(time_conditioning)
         time_dim = time_embed_dim or 4 * base_channels
         context_dim = 4 * base_channels
+        self._build_conditioning(base_channels, time_dim, context_dim, clip_embed_dim,
+                                 num_image_tokens, text_width)
+
+        def res_block(channels_in, channels_out):
+            return ResBlock(in_channels=channels_in, out_channels=channels_out,
+                            time_dim=time_dim, dropout=dropout)
+
+        def attention(channels):
+            return AttentionBlock(channels=channels, head_channels=head_channels,
+                                  context_dim=context_dim)
+
+        self.input_conv = nn.Conv2d(in_channels + low_res_channels, base_channels, 3, padding=1)
+        widths = [base_channels * mult for mult in channel_mults]
+        attends = [image_size // 2**level in attention_resolutions
+                   for level in range(len(channel_mults))]
+        skip_channels = self._build_down(widths, attends, num_res_blocks, res_block, attention)
+        channels = widths[-1]
+        self.middle = Stage([res_block(channels, channels), attention(channels),
+                             res_block(channels, channels)])
+        self._build_up(widths, attends, num_res_blocks, skip_channels, res_block, attention)
+        self.output = nn.Sequential(_group_norm(widths[0]), nn.SiLU(),
+                                    _zeroed(nn.Conv2d(widths[0], out_channels, 3, padding=1)))
+
+    def _build_conditioning(self, base_channels, time_dim, context_dim, clip_embed_dim,
+                            num_image_tokens, text_width):
+        """Timestep MLP, CLIP image embedding -> context tokens (and optionally -> time),
+        text tokens -> context, each with its learned null for classifier-free guidance."""
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, time_dim), nn.SiLU(),
                                       nn.Linear(time_dim, time_dim))
         self.image_tokens_in = nn.Linear(clip_embed_dim, num_image_tokens * context_dim)
@@ -149,47 +176,36 @@ class DecoderUNet(nn.Module):
         self.uses_text = text_width is not None
         self.context_norm = nn.LayerNorm(context_dim)
 
-        def attention(channels):
-            return AttentionBlock(channels=channels, head_channels=head_channels,
-                                  context_dim=context_dim)
-
-        self.input_conv = nn.Conv2d(in_channels + low_res_channels, base_channels, 3, padding=1)
+    def _build_down(self, widths, attends, num_res_blocks, res_block, attention) -> list[int]:
+        """The encoder half; returns the channels of each skip connection, outermost first."""
         self.down = nn.ModuleList()
-        skip_channels, channels, resolution = [base_channels], base_channels, image_size
-        for level, mult in enumerate(channel_mults):
+        skip_channels, channels = [widths[0]], widths[0]
+        for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
-                stage = Stage([ResBlock(in_channels=channels, out_channels=base_channels * mult,
-                                        time_dim=time_dim, dropout=dropout)])
-                channels = base_channels * mult
-                if resolution in attention_resolutions:
+                stage = Stage([res_block(channels, width)])
+                channels = width
+                if attends[level]:
                     stage.append(attention(channels))
                 self.down.append(stage)
                 skip_channels.append(channels)
-            if level != len(channel_mults) - 1:
+            if level != len(widths) - 1:
                 self.down.append(Stage([Downsample(channels)]))
                 skip_channels.append(channels)
-                resolution //= 2
-        self.middle = Stage([
-            ResBlock(in_channels=channels, out_channels=channels, time_dim=time_dim,
-                     dropout=dropout),
-            attention(channels),
-            ResBlock(in_channels=channels, out_channels=channels, time_dim=time_dim,
-                     dropout=dropout)])
+        return skip_channels
+
+    def _build_up(self, widths, attends, num_res_blocks, skip_channels, res_block, attention):
+        """The decoder half: one more block per level than the encoder, taking every skip."""
         self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mults))):
+        channels = widths[-1]
+        for level in reversed(range(len(widths))):
             for block in range(num_res_blocks + 1):
-                stage = Stage([ResBlock(in_channels=channels + skip_channels.pop(),
-                                        out_channels=base_channels * mult, time_dim=time_dim,
-                                        dropout=dropout)])
-                channels = base_channels * mult
-                if resolution in attention_resolutions:
+                stage = Stage([res_block(channels + skip_channels.pop(), widths[level])])
+                channels = widths[level]
+                if attends[level]:
                     stage.append(attention(channels))
                 if level and block == num_res_blocks:
                     stage.append(Upsample(channels))
-                    resolution *= 2
                 self.up.append(stage)
-        self.output = nn.Sequential(_group_norm(channels), nn.SiLU(),
-                                    _zeroed(nn.Conv2d(channels, out_channels, 3, padding=1)))
 
     def _context(self, image_emb, text_tokens, image_drop, text_drop):
         batch = image_emb.shape[0]

@@ -133,9 +133,7 @@ def write_release(model_uri: str, config: Config, out: Path, *, data_uri: str,
     evaluator first, so its numbers are the release's own); returns release.json's content."""
     import tempfile
 
-    from data_pipelines.shards import manifest_hash
     from orchestration.evaluate.evaluation import evaluate_model
-    from orchestration.evaluate.evaluator import evaluator_uri, load_evaluator
     from orchestration.registry.registry import resolve_model_uri
 
     out = out.expanduser().absolute()
@@ -143,14 +141,7 @@ def write_release(model_uri: str, config: Config, out: Path, *, data_uri: str,
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    from data_pipelines.storage import resolve
-
-    if not resolve(evaluator_uri(config)).join("weights.safetensors").exists():
-        raise ConfigError(f"no reference evaluator at {evaluator_uri(config)}: a release ships "
-                          "the evaluator its numbers were made with; run `unclip eval` with this "
-                          "config first (it trains the dataset's evaluator once) or set "
-                          "eval.evaluator.uri")
-    source_evaluator = load_evaluator(evaluator_uri(config))
+    source_evaluator = _evaluator_to_ship(config)
     with tempfile.TemporaryDirectory(prefix="unclip-release-") as tmp:
         source = resolve_model_uri(model_uri, tracking_uri=config.mlflow.tracking_uri,
                                    dst_dir=Path(tmp) / "model")
@@ -160,17 +151,7 @@ def write_release(model_uri: str, config: Config, out: Path, *, data_uri: str,
     log(f"[release] fp16 weights written; evaluating the release itself ({partial})")
     eval_config = release_config(partial, [f"data.uri={config.data.uri}"])
     report = evaluate_model(str(partial), eval_config, partial / "eval", log=log)
-    release = {
-        "format": FORMAT,
-        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": _source_lineage(model_uri, config.mlflow.tracking_uri),
-        "git_commit": _git_commit(),
-        "dataset": {"manifest_hash": manifest_hash(config.data.uri),
-                    "shapes": config.data.shapes.model_dump(mode="json")},
-        "evaluator": {"identity": report.evaluator, "trained_as": source_evaluator.identity},
-        "eval": {"captions_sha": report.captions_sha, "seed": report.seed,
-                 "metrics": report.metrics},
-    }
+    release = _release_record(model_uri, config, report, source_evaluator.identity)
     (partial / RELEASE_FILE).write_text(json.dumps(release, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -178,6 +159,36 @@ def write_release(model_uri: str, config: Config, out: Path, *, data_uri: str,
     log(f"[release] {out}: {sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f}"
         " MB")
     return release
+
+
+def _evaluator_to_ship(config: Config):
+    """The reference evaluator the release's numbers are made with: it ships beside them."""
+    from data_pipelines.storage import resolve
+    from orchestration.evaluate.evaluator import evaluator_uri, load_evaluator
+
+    if not resolve(evaluator_uri(config)).join("weights.safetensors").exists():
+        raise ConfigError(f"no reference evaluator at {evaluator_uri(config)}: a release ships "
+                          "the evaluator its numbers were made with; run `unclip eval` with this "
+                          "config first (it trains the dataset's evaluator once) or set "
+                          "eval.evaluator.uri")
+    return load_evaluator(evaluator_uri(config))
+
+
+def _release_record(model_uri: str, config: Config, report, evaluator_trained_as: str) -> dict:
+    """release.json: metrics, lineage, evaluator identity, dataset manifest hash, commit."""
+    from data_pipelines.shards import manifest_hash
+
+    return {
+        "format": FORMAT,
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": _source_lineage(model_uri, config.mlflow.tracking_uri),
+        "git_commit": _git_commit(),
+        "dataset": {"manifest_hash": manifest_hash(config.data.uri),
+                    "shapes": config.data.shapes.model_dump(mode="json")},
+        "evaluator": {"identity": report.evaluator, "trained_as": evaluator_trained_as},
+        "eval": {"captions_sha": report.captions_sha, "seed": report.seed,
+                 "metrics": report.metrics},
+    }
 
 
 def compare_with_release(directory: str | Path, config: Config, report) -> str:

@@ -121,13 +121,8 @@ def run_guidance_sweep(model_uri: str, *, config: Config, decoder_scales: list[f
     `search="grid"` tries every pair of the given scales; `search="optuna"` samples
     `num_trials` pairs from the range [min, max] of each list with Optuna's TPE sampler."""
     goal = parse_objective(objective)
-    if not decoder_scales:
-        raise ConfigError("--decoder-scales: give at least one scale, e.g. 1,1.5,2,2.5,3")
-    if search not in ("grid", "optuna"):
-        raise ConfigError(f"--search {search!r}: use grid or optuna")
     count = num_samples or config.eval.num_captions
-    if count < 4:
-        raise ConfigError(f"--samples {count}: precision/recall need at least 4 images")
+    _check_sweep_arguments(decoder_scales, search, count)
     space = search_space(search, decoder_scales, prior_scales, goal, num_trials)
     start = time.monotonic()
     connect(config)
@@ -148,41 +143,69 @@ def run_guidance_sweep(model_uri: str, *, config: Config, decoder_scales: list[f
         evaluator_identity=evaluator.identity, captions=captions, real_feats=real_feats,
         images_per_caption=per_caption, config=config, sampler=sampler, steps=steps)
     results, generated = _run_trials(config, trainable, space.param_space(priors), space)
-    for row in results:
-        log(f"[guidance] decoder {row['decoder_guidance']:g} prior "
-            f"{row['prior_guidance']:g}: " + " ".join(
-                f"{k}={row[k]:.4g}" for k in METRICS if k in row))
+    _log_trials(results, log)
     best_index, satisfied = goal.pick(results)
     best = results[best_index]
 
     sweep_id = f"{config.run_name}-guidance-{uuid.uuid4().hex[:8]}"
-    tracking = config.mlflow.tracking_uri
-    client = MlflowClient(tracking, registry_uri=tracking)
+    client = MlflowClient(config.mlflow.tracking_uri, registry_uri=config.mlflow.tracking_uri)
     run_id = _log_sweep(client, config, sweep_id, model_uri, results, best_index, goal,
                         satisfied, generated, rows["image"], per_caption,
                         {"sampler": sampler or pipeline.sampling.sampler,
                          "steps": steps or pipeline.sampling.steps, "num_samples": count,
                          "search": search, "evaluator": evaluator.identity})
-    version = model_version(client, model_uri)
-    if version:
-        tags = {BEST_DECODER_TAG: repr(best["decoder_guidance"]), SWEEP_RUN_TAG: run_id,
-                "guidance_sweep.objective": str(goal)}
-        if prior_scales:
-            tags[BEST_PRIOR_TAG] = repr(best["prior_guidance"])
-        for key, value in tags.items():
-            client.set_model_version_tag(version[0], version[1], key, value)
-        log(f"[guidance] tagged {version[0]} v{version[1]} with {json.dumps(tags)}")
-    else:
-        log(f"[guidance] {model_uri} is not a registered model version; nothing tagged")
+    version = _tag_best(client, model_uri, best, run_id=run_id, goal=goal,
+                        tag_prior=bool(prior_scales), log=log)
+    _log_choice(best, goal, satisfied, f"{time.monotonic() - start:.0f}s", run_id, log)
+    return {"sweep_id": sweep_id, "run_id": run_id, "objective": str(goal),
+            "objective_satisfied": satisfied, "results": results, "best": best,
+            "model_version": _version_dict(version),
+            "sampling": dataclasses.asdict(pipeline.sampling)}
+
+
+def _log_choice(best: dict, goal, satisfied: bool, took: str, run_id: str, log) -> None:
     if not satisfied:
         log(f"[guidance] no scale meets {goal}; chose the closest")
     log(f"[guidance] best: decoder {best['decoder_guidance']:g} prior "
-        f"{best['prior_guidance']:g} by {goal} in {time.monotonic() - start:.0f}s "
-        f"(MLflow run {run_id})")
-    return {"sweep_id": sweep_id, "run_id": run_id, "objective": str(goal),
-            "objective_satisfied": satisfied, "results": results, "best": best,
-            "model_version": {"name": version[0], "version": version[1]} if version else None,
-            "sampling": dataclasses.asdict(pipeline.sampling)}
+        f"{best['prior_guidance']:g} by {goal} in {took} (MLflow run {run_id})")
+
+
+def _version_dict(version: tuple[str, str] | None) -> dict | None:
+    return {"name": version[0], "version": version[1]} if version else None
+
+
+def _log_trials(results: list[dict], log) -> None:
+    for row in results:
+        log(f"[guidance] decoder {row['decoder_guidance']:g} prior "
+            f"{row['prior_guidance']:g}: " + " ".join(
+                f"{k}={row[k]:.4g}" for k in METRICS if k in row))
+
+
+def _check_sweep_arguments(decoder_scales: list[float], search: str, count: int) -> None:
+    if not decoder_scales:
+        raise ConfigError("--decoder-scales: give at least one scale, e.g. 1,1.5,2,2.5,3")
+    if search not in ("grid", "optuna"):
+        raise ConfigError(f"--search {search!r}: use grid or optuna")
+    if count < 4:
+        raise ConfigError(f"--samples {count}: precision/recall need at least 4 images")
+
+
+def _tag_best(client: MlflowClient, model_uri: str, best: dict, *, run_id: str, goal,
+              tag_prior: bool, log) -> tuple[str, str] | None:
+    """Tag the registered version the sweep ran on with its best scales (serving reads
+    them); a folder or run URI is no version and gets nothing."""
+    version = model_version(client, model_uri)
+    if not version:
+        log(f"[guidance] {model_uri} is not a registered model version; nothing tagged")
+        return None
+    tags = {BEST_DECODER_TAG: repr(best["decoder_guidance"]), SWEEP_RUN_TAG: run_id,
+            "guidance_sweep.objective": str(goal)}
+    if tag_prior:
+        tags[BEST_PRIOR_TAG] = repr(best["prior_guidance"])
+    for key, value in tags.items():
+        client.set_model_version_tag(version[0], version[1], key, value)
+    log(f"[guidance] tagged {version[0]} v{version[1]} with {json.dumps(tags)}")
+    return version
 
 
 def _run_trials(config: Config, trainable, param_space: dict,

@@ -248,11 +248,7 @@ def run_lr_sweep(config: Config, *, stage: str, num_samples: int,
     space = {**default_space(stage), **(extra_space or {})}
     check_space(config, space)
     log(f"[tune] search space: {json.dumps({k: describe(v) for k, v in space.items()})}")
-    bound = concurrency_bound(config)
-    concurrent = min(max_concurrent or bound, bound)
-    if max_concurrent and max_concurrent > bound:
-        log(f"[tune] --max-concurrent {max_concurrent} exceeds what the cluster holds; "
-            f"running {bound} trials at a time")
+    concurrent = _concurrency(config, max_concurrent, log)
     sweep_id, restore = _sweep_identity(config, stage, resume, log)
 
     client = client_for(config.mlflow.tracking_uri)
@@ -288,6 +284,15 @@ def run_lr_sweep(config: Config, *, stage: str, num_samples: int,
     log(f"[tune] {len(rows)} trials in {time.monotonic() - start:.0f}s: "
         f"{json.dumps(result.counts)}")
     return result
+
+
+def _concurrency(config: Config, max_concurrent: int | None, log) -> int:
+    """Trials at a time: as many as asked, at most what the cluster holds."""
+    bound = concurrency_bound(config)
+    if max_concurrent and max_concurrent > bound:
+        log(f"[tune] --max-concurrent {max_concurrent} exceeds what the cluster holds; "
+            f"running {bound} trials at a time")
+    return min(max_concurrent or bound, bound)
 
 
 def _tuner(config: Config, stage: str, trainable, *, restore: bool, space: dict,

@@ -48,6 +48,7 @@ from orchestration.registry.pyfunc_model import (
 )
 from orchestration.registry.registry import RegistryError
 from orchestration.serve.serving import UnCLIPServer, serve_until_stopped
+from orchestration.stages import stage_names
 
 APP_NAME = "unclip-app"
 MAX_MODELS_LOADED = 4  # pipelines kept in the replica; the least recently used goes first
@@ -144,7 +145,7 @@ def _metrics_table(version) -> list[str]:
 
 def _lineage(tags: dict) -> list[str]:
     runs = ", ".join(f"{stage} `{tags[registry.COMPONENT_RUN_TAG.format(stage)]}`"
-                     for stage in ("clip", "prior", "decoder")
+                     for stage in stage_names()
                      if registry.COMPONENT_RUN_TAG.format(stage) in tags)
     lines = [f"Dataset `{tags.get(registry.DATASET_URI_TAG, '?')}` "
              f"(manifest `{tags.get(registry.MANIFEST_HASH_TAG, '?')}`)"]
