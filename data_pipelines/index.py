@@ -40,6 +40,8 @@ from data_pipelines.shards import (
     Skipped,
     SplitInfo,
     check_output_free,
+    shard_location,
+    shard_stats,
 )
 from data_pipelines.storage import Location, StorageError, describe_error, resolve
 
@@ -235,6 +237,8 @@ def split_shards(shards: list[ShardCount], num_test: int, seed: int,
         info = splits["test" if shard.rel in test else "train"]
         info.shards.append(shard_entry(target, shard.uri))
         info.num_samples += shard.samples
+    for info in splits.values():
+        info.shard_stats = shard_stats([shard_location(target, e) for e in info.shards])
     return splits
 
 

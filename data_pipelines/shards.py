@@ -24,7 +24,15 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipelines.storage import Location, StorageError, describe_error, is_s3_uri, resolve
+from data_pipelines.storage import (
+    Location,
+    StorageError,
+    describe_error,
+    is_s3_uri,
+    resolve,
+    s3_endpoint,
+    s3_region,
+)
 
 MANIFEST_NAME = "manifest.json"
 ShardFormat = Literal["webdataset", "parquet"]
@@ -55,6 +63,10 @@ class Skipped:
 class SplitInfo:
     num_samples: int = 0
     shards: list[str] = field(default_factory=list)  # relative to the dataset root
+    # One entry per shard of an index, as listed when it was indexed ({"size", "mtime_ns"},
+    # plus "etag" on S3): the user's shards can change after indexing, and training, resume
+    # and evaluation must not read other bytes than those counted. Empty for written datasets.
+    shard_stats: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -104,6 +116,9 @@ class Manifest:
             created_unix=body.get("created_unix", 0.0),
             layout=layout,
         )
+
+
+STAT_FIELDS = ("size", "mtime_ns", "etag")  # what a shard's listing must still say
 
 
 def shard_name(split: str, index: int, fmt: ShardFormat) -> str:
@@ -196,8 +211,9 @@ def shard_location(root: Location, entry: str) -> Location:
 def check_manifest_shards(uri: str, manifest: Manifest, splits: tuple[str, ...] | None = None
                           ) -> None:
     """StorageError (one line) when the manifest disagrees with its shards: a split that counts
-    samples but lists no shard, or a listed shard that is missing or empty. Each shard folder
-    is listed once (one listing instead of a request per shard, which matters on S3)."""
+    samples but lists no shard, a listed shard that is missing or empty, or a shard of an
+    index that changed since it was indexed. Each shard folder is listed once (one listing
+    instead of a request per shard, which matters on S3)."""
     root = resolve(uri)
     for split, info in manifest.splits.items():
         if splits is not None and split not in splits:
@@ -207,40 +223,89 @@ def check_manifest_shards(uri: str, manifest: Manifest, splits: tuple[str, ...] 
                 f"dataset {uri}: {MANIFEST_NAME} counts {info.num_samples} '{split}' samples "
                 "but lists no shards; rebuild the dataset (or its index)")
         locations = [shard_location(root, entry) for entry in info.shards]
-        sizes = _listed_sizes(locations)
-        missing = [loc for loc in locations if _key(loc) not in sizes]
-        empty = [loc for loc in locations if sizes.get(_key(loc)) == 0]
+        listed = listed_files(locations, with_etag=bool(info.shard_stats))
+        missing = [loc for loc in locations if _key(loc) not in listed]
+        empty = [loc for loc in locations if listed.get(_key(loc), {}).get("size") == 0]
         for problem, found in (("missing", missing), ("empty", empty)):
             if found:
                 raise StorageError(
                     f"dataset {uri}: {MANIFEST_NAME} lists {len(found)} '{split}' shard(s) "
                     f"that are {problem} (first: {found[0].uri}); restore them, or rebuild "
                     "the dataset (or its index) so the manifest matches the shards")
+        for location, recorded in zip(locations, info.shard_stats, strict=False):
+            _check_unchanged(uri, location, recorded, listed[_key(location)])
+
+
+def _check_unchanged(uri: str, location: Location, recorded: dict, now: dict) -> None:
+    changed = [f"{name} {recorded[name]} -> {now.get(name)}" for name in STAT_FIELDS
+               if name in recorded and recorded[name] != now.get(name)]
+    if changed:
+        raise StorageError(
+            f"dataset {uri}: shard {location.uri} changed after it was indexed "
+            f"({', '.join(changed)}); index it again (`unclip data index ... --overwrite`) "
+            "so counts, splits and resume positions match its bytes")
+
+
+def shard_stats(locations: list[Location]) -> list[dict]:
+    """Size, modification time and (S3) ETag of each shard, as a listing reports them."""
+    listed = listed_files(locations, with_etag=True)
+    return [listed[_key(location)] for location in locations]
 
 
 def _key(location: Location) -> tuple[bool, str]:
     return location.is_s3, posixpath.normpath(location.path)
 
 
-def _listed_sizes(locations: list[Location]) -> dict[tuple[bool, str], int]:
-    """(is_s3, path) -> size in bytes of the files in the folders holding `locations`."""
-    from pyarrow import fs
-
+def listed_files(locations: list[Location], *, with_etag: bool = False
+                 ) -> dict[tuple[bool, str], dict]:
+    """(is_s3, path) -> {"size", "mtime_ns"[, "etag"]} of the files in the folders holding
+    `locations`, one listing per folder (through boto3 on S3 when ETags are wanted)."""
     folders: dict[tuple[bool, str], Location] = {}
     for location in locations:
         folder = posixpath.dirname(posixpath.normpath(location.path))
         folders.setdefault((location.is_s3, folder), location)
-    sizes: dict[tuple[bool, str], int] = {}
+    files: dict[tuple[bool, str], dict] = {}
     for (is_s3, folder), location in folders.items():
         try:
-            infos = location.filesystem.get_file_info(
-                fs.FileSelector(folder, recursive=False, allow_not_found=True))
+            listing = (_s3_listing(folder) if is_s3 and with_etag
+                       else _pyarrow_listing(location, folder))
+            listing = list(listing)
         except OSError as exc:
             raise StorageError(describe_error(exc, location.uri)) from None
-        for info in infos:
-            if info.type == fs.FileType.File:
-                sizes[(is_s3, posixpath.normpath(info.path))] = info.size
-    return sizes
+        files.update({(is_s3, posixpath.normpath(path)): stat for path, stat in listing})
+    return files
+
+
+def _pyarrow_listing(location: Location, folder: str):
+    from pyarrow import fs
+
+    for info in location.filesystem.get_file_info(
+            fs.FileSelector(folder, recursive=False, allow_not_found=True)):
+        if info.type == fs.FileType.File:
+            yield info.path, {"size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def _s3_listing(folder: str):
+    """ListObjectsV2 through boto3, which reports each object's ETag (pyarrow does not)."""
+    import boto3
+    import botocore.exceptions
+
+    bucket, _, prefix = folder.partition("/")
+    client = boto3.client("s3", endpoint_url=s3_endpoint(), region_name=s3_region())
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else "", Delimiter="/")
+    try:
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield f"{bucket}/{item['Key']}", {
+                    "size": item["Size"], "etag": item["ETag"].strip('"'),
+                    "mtime_ns": int(item["LastModified"].timestamp()) * 10**9}
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return
+        raise OSError(str(exc)) from None
+    except botocore.exceptions.BotoCoreError as exc:  # no endpoint, no credentials, ...
+        raise OSError(str(exc)) from None
 
 
 def manifest_hash(uri: str) -> str:

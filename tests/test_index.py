@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -260,3 +261,64 @@ def test_member_keys_follow_the_webdataset_rule(tmp_path):
     (tmp_path / "s.tar").write_bytes(buffer.getvalue())
     # x/k1 (jpg) and k5 (webp + jpeg); not y/k1 (ext "seg.png"), k2 (upper case), k3, .k4
     assert count_tar_samples(resolve(str(tmp_path / "s.tar"))) == 2
+
+
+def _config_for(uri: str):
+    from orchestration.config import load_config
+
+    return load_config("tiny", [f"data.uri={uri}", "data.build_shapes_if_missing=false"])
+
+
+def test_a_shard_changed_after_indexing_is_refused_by_name(tmp_path):
+    """Training, resume and evaluation all start from ensure_dataset: a shard whose bytes or
+    modification time differ from what the index recorded stops them in one line."""
+    import os
+
+    from orchestration.common.data_check import ensure_dataset
+
+    src = tmp_path / "shards"
+    write_img2dataset(str(src), [2, 2, 2], failed_per_shard=0)
+    manifest, uri = index_shards(str(src), str(tmp_path / "index"), test_shards=1, seed=2)
+    stats = manifest.splits["train"].shard_stats
+    assert [s["size"] for s in stats] == [(src / f"0000{i}.tar").stat().st_size for i in (1, 2)]
+    assert [s["mtime_ns"] for s in stats] == [(src / f"0000{i}.tar").stat().st_mtime_ns
+                                              for i in (1, 2)]
+    config = _config_for(uri)
+    assert ensure_dataset(config).splits["train"].shard_stats == stats  # unchanged: accepted
+    shard = src / "00002.tar"
+    os.utime(shard, ns=(stats[1]["mtime_ns"] + 10**9,) * 2)  # same bytes, touched
+    with pytest.raises(StorageError) as touched:
+        ensure_dataset(config)
+    assert str(touched.value) == (
+        f"dataset {uri}: shard {shard} changed after it was indexed (mtime_ns "
+        f"{stats[1]['mtime_ns']} -> {stats[1]['mtime_ns'] + 10**9}); index it again "
+        "(`unclip data index ... --overwrite`) so counts, splits and resume positions match "
+        "its bytes")
+    write_img2dataset(str(src), [2, 2, 3], failed_per_shard=0)  # rewritten with a new sample
+    with pytest.raises(StorageError, match=r"shard .*0000[12].tar changed after it was indexed "
+                                           r"\((size \d+ -> \d+, )?mtime_ns"):
+        ensure_dataset(config)
+    index_shards(str(src), uri, test_shards=1, seed=2, overwrite=True)
+    assert ensure_dataset(config).splits["train"].num_samples == 5
+
+
+def test_an_s3_shard_rewritten_after_indexing_is_refused_by_its_etag(s3_bucket):
+    import boto3
+
+    from orchestration.common.data_check import ensure_dataset
+
+    src, out = f"{s3_bucket}/laion", f"{s3_bucket}/indexes/laion"
+    write_img2dataset(src, [2, 2, 2], failed_per_shard=0)
+    manifest, _ = index_shards(src, out, test_shards=1, seed=2)
+    # pyarrow uploads in parts: the ETag is the multipart form "<md5 of part md5s>-<parts>"
+    assert all(re.fullmatch(r"[0-9a-f]{32}(-\d+)?", s["etag"])
+               for s in manifest.splits["train"].shard_stats)
+    ensure_dataset(_config_for(out))
+    bucket, key = s3_bucket[len("s3://"):], "laion/00001.tar"
+    client = boto3.client("s3")
+    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[-1] ^= 0xFF  # same size, other bytes (in the tar's zero padding)
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    with pytest.raises(StorageError, match=r"shard s3://.*/laion/00001.tar changed after it was "
+                                           r"indexed \(.*etag [0-9a-f]{32}-1 -> [0-9a-f]{32}"):
+        ensure_dataset(_config_for(out))
