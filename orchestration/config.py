@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from data_pipelines.settings import PreprocessSettings, ShapesSettings
 from data_pipelines.storage import has_credentials, is_s3_uri
@@ -50,9 +57,17 @@ class DataConfig(Strict):
     # re-reads (at most one window)
     shuffle_window_shards: int = Field(8, ge=1)
 
+    # `uri` as the user wrote it, before load_config made a relative path absolute: what
+    # registered and released metadata record, so they carry no path of the building machine
+    _given_uri: str | None = PrivateAttr(default=None)
+
     @property
     def resolved_embeddings_uri(self) -> str:
         return self.embeddings_uri or self.uri.rstrip("/") + "/embeddings"
+
+    @property
+    def given_uri(self) -> str:
+        return self._given_uri or self.uri
 
 
 class ScalingConfig(Strict):
@@ -379,6 +394,7 @@ def check_model_sections(config: Config, source: str) -> None:
 
 def absolutised(config: Config) -> Config:
     data = config.model_copy(deep=True)
+    data.data._given_uri = data.data.given_uri
     data.data.uri = _absolutise(data.data.uri)
     if data.data.embeddings_uri:
         data.data.embeddings_uri = _absolutise(data.data.embeddings_uri)

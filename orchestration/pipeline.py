@@ -370,7 +370,7 @@ def _register(config: Config, parent: str, metrics: dict, log) -> dict:
                 tmp if saved.is_s3 else saved.path, tracking_uri=config.mlflow.tracking_uri,
                 model_name=config.mlflow.registered_model,
                 metrics={f"eval/{k}": v for k, v in metrics.items()},
-                component_runs=components, dataset_uri=config.data.uri,
+                component_runs=components, dataset_uri=config.data.given_uri,
                 manifest_hash=manifest_hash(config.data.uri), parent_run_id=parent,
                 weights_marker=marker)
     report = EvalReport.from_json(stored.join("evaluation.json").read_text())

@@ -16,6 +16,9 @@ def test_shipped_tiny_config_loads_with_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config("tiny")
     assert config.data.uri == str(tmp_path / "data/shapes-tiny")
+    assert config.data.given_uri == "data/shapes-tiny"  # what registry and release record
+    assert config.model_copy(deep=True).data.given_uri == "data/shapes-tiny"
+    assert load_config("tiny", ["data.uri=s3://b/x"]).data.given_uri == "s3://b/x"
     assert config.mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     assert config.data.build_shapes_if_missing
     assert load_config("configs/tiny.yaml").run_name == "tiny"

@@ -51,3 +51,25 @@ def test_the_release_draws_the_colour_of_its_caption():
     # rectangles and triangles, but pentagons and ellipses only roughly (shape accuracy 0.68
     # [0.59, 0.75] on 100 captions in benchmarks/QUALITY.md, chance 1/6)
     assert colour.mean() >= 0.75, colour.tolist()
+
+
+def absolute_paths(value, where: str = "") -> list[str]:
+    """Every string in a JSON/YAML tree that names a path of the machine that built it."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in absolute_paths(v, f"{where}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in absolute_paths(v, f"{where}[{i}]")]
+    if isinstance(value, str) and (value.startswith(("/", "~", "file:/", "sqlite:////"))
+                                   or "/tmp/" in value or "/home/" in value):
+        return [f"{where}: {value}"]
+    return []
+
+
+def test_released_metadata_names_no_path_of_the_building_machine():
+    import json
+
+    for name in ("release.json", "config.json", "eval/evaluation.json", "eval/metrics.json",
+                 "evaluator/config.json"):
+        assert absolute_paths(json.loads((RELEASE / name).read_text())) == [], name
+    assert absolute_paths(yaml.safe_load((RELEASE / "eval.yaml").read_text())) == []
+    assert read_release(RELEASE)["source"]["tags"]["lineage.dataset_uri"] == "data/shapes"
