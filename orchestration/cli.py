@@ -20,7 +20,13 @@ import typer
 
 from orchestration.config import Config, ConfigError, load_config
 from orchestration.jobs.cli import register as register_job_commands
-from orchestration.serve.models_cli import generate, models_app, serve
+from orchestration.serve.models_cli import (
+    InsecureOpt,
+    TokenFileOpt,
+    generate,
+    models_app,
+    serve,
+)
 from orchestration.stages import STAGES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -398,8 +404,13 @@ def web_app(
     config: ConfigOpt = None,
     tracking_uri: Annotated[str | None, typer.Option(
         "--tracking-uri", help="MLflow tracking URI (overrides the config's)")] = None,
+    token_file: TokenFileOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """A web page (Gradio) to try models side by side, beside the JSON API, until Ctrl-C."""
+    from orchestration.serve.access import TOKEN_USER_HINT, access_for
+
+    access = access_for(host, token_file, insecure)  # before Ray: a wide bind needs a token
     cfg = _config(config, None)
     uri = tracking_uri or cfg.mlflow.tracking_uri
     from orchestration.common.ray_runtime import connect
@@ -407,9 +418,14 @@ def web_app(
 
     models = app_models(model, tracking_uri=uri, registered_model=cfg.mlflow.registered_model)
     connect(cfg)  # the config's Ray address, $RAY_ADDRESS or a local instance
-    echo(f"page at http://{host}:{port}/ with {', '.join(models)} (JSON API: POST / and "
-         "/generate, GET /health); Ctrl-C stops")
-    run_web_app(models, tracking_uri=uri, host=host, port=port, num_gpus=gpus)
+
+    def ready(url: str) -> None:
+        login = f"; the page's login takes {TOKEN_USER_HINT}" if access.token_digest else ""
+        echo(f"page at {access.startup_line(url + '/')} with {', '.join(models)} (JSON API: "
+             f"POST / and /generate, GET /health){login}; Ctrl-C stops")
+
+    run_web_app(models, tracking_uri=uri, host=host, port=port, num_gpus=gpus, access=access,
+                on_ready=ready)
 
 
 # Errors a user can fix, by (module, class). Their modules are heavy (pyarrow, MLflow), so main
@@ -421,6 +437,7 @@ USER_ERRORS = (
     ("orchestration.registry.registry", "RegistryError"),
     ("orchestration.jobs.submission", "SubmissionError"),
     ("orchestration.train.training_job", "StageError"),
+    ("orchestration.serve.access", "AccessError"),
 )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import secrets
 import shutil
 
 import mlflow
@@ -23,6 +24,8 @@ pytestmark = pytest.mark.slow
 MODEL = "unclip-web"
 CHAMPION, CANDIDATE = f"models:/{MODEL}@champion", f"models:/{MODEL}@candidate"
 TIMEOUT_MS = 120_000  # sampling shares 2 cores with the rest of the suite
+TOKEN = secrets.token_hex(16)  # the page and API run with an access token, as off loopback
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +56,20 @@ def registry_uri(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app_url(ray_session, registry_uri):
+def app_url(ray_session, registry_uri, tmp_path_factory):
     from ray import serve
 
+    from orchestration.serve.access import access_for
     from orchestration.serve.web_app import app_models, run_web_app
 
     models = app_models(None, tracking_uri=registry_uri, registered_model=MODEL)
     assert models == [CHAMPION, CANDIDATE]
-    url = run_web_app(models, tracking_uri=registry_uri, port=free_port(), blocking=False)
+    token_file = tmp_path_factory.mktemp("token") / "token"
+    token_file.write_text(TOKEN + "\n")
+    ready = []
+    url = run_web_app(models, tracking_uri=registry_uri, port=free_port(), blocking=False,
+                      access=access_for("127.0.0.1", str(token_file)), on_ready=ready.append)
+    assert ready == [url]  # announced only once /health answered
     assert url.startswith("http://127.0.0.1:")
     yield url
     serve.shutdown()  # the next module starts its own Serve on the shared Ray
@@ -74,8 +83,38 @@ def page(chromium, app_url):
         browser = playwright.chromium.launch(executable_path=chromium)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
-        page.goto(app_url)
+        log_in(page, app_url, TOKEN)
         yield page
+        browser.close()
+
+
+def log_in(page, url: str, token: str) -> None:
+    page.goto(url)
+    page.get_by_label("username").fill("anyone")
+    page.get_by_label("password").fill(token)
+    page.get_by_role("button", name="Login").click()
+
+
+def test_page_and_api_need_the_access_token(chromium, app_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    body = {"prompt": "a red circle", "steps": 2}
+    for headers in ({}, {"Authorization": "Bearer " + "0" * 32}, {"Authorization": TOKEN}):
+        for method, path in [("get", "/health"), ("post", "/"), ("post", "/generate")]:
+            answer = requests.request(method, app_url + path, json=body, headers=headers,
+                                      timeout=60)
+            assert answer.status_code == 401, (headers, path, answer.status_code)
+            assert "access token" in answer.json()["error"]
+            assert TOKEN not in answer.text
+    assert requests.get(f"{app_url}/health", headers=AUTH, timeout=60).status_code == 200
+    assert requests.get(f"{app_url}/config", timeout=60).status_code == 401  # the page's state
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        log_in(page, app_url, "0" * 32)  # a wrong token stays at the login form
+        expect(page.get_by_role("button", name="Login")).to_be_visible()
+        expect(page.locator("#captions")).to_have_count(0)
         browser.close()
 
 
@@ -152,21 +191,22 @@ def test_uploaded_image_gets_variations_through_serve(page, tmp_path):
 
 
 def test_json_api_answers_beside_the_page(app_url):
-    health = requests.get(f"{app_url}/health", timeout=60).json()
+    health = requests.get(f"{app_url}/health", headers=AUTH, timeout=60).json()
     assert health["status"] == "ok" and health["model"] == CHAMPION
     body = {"prompt": "a red circle", "num_images": 2, "seed": 5, "steps": 2}
-    response = requests.post(app_url, json=body, timeout=120)
+    response = requests.post(app_url, json=body, headers=AUTH, timeout=120)
     assert response.status_code == 200, response.text
     images = [Image.open(io.BytesIO(base64.b64decode(text)))
               for text in response.json()["images"]]
     assert [image.size for image in images] == [(IMAGE_SIZE, IMAGE_SIZE)] * 2
-    again = requests.post(f"{app_url}/generate", json=body, timeout=120)
+    again = requests.post(f"{app_url}/generate", json=body, headers=AUTH, timeout=120)
     assert again.status_code == 200, (again.status_code, again.text[:300])
     assert again.json()["images"] == response.json()["images"]
-    bad = requests.post(app_url, json={"prompt": "a", "num_images": 9}, timeout=60)
+    bad = requests.post(app_url, json={"prompt": "a", "num_images": 9}, headers=AUTH,
+                        timeout=60)
     assert bad.status_code == 422
     assert bad.json()["error"] == "num_images: must be between 1 and 8 (got 9)"
-    wrong_method = requests.get(f"{app_url}/generate", timeout=60)
+    wrong_method = requests.get(f"{app_url}/generate", headers=AUTH, timeout=60)
     assert (wrong_method.status_code, wrong_method.json()) == (
         405, {"error": "POST a JSON body with a 'prompt'"})
     page = requests.get(app_url, timeout=60)  # GET / is the page, POST / the API

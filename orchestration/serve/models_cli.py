@@ -17,6 +17,12 @@ import typer
 models_app = typer.Typer(no_args_is_help=True,
                          help="Registered models: list versions, promote one to champion.")
 
+TokenFileOpt = Annotated[str | None, typer.Option(
+    "--token-file", help="File holding the access token every request must carry "
+    "(Authorization: Bearer); required to bind beyond loopback unless --insecure")]
+InsecureOpt = Annotated[bool, typer.Option(
+    "--insecure", help="Bind beyond loopback without an access token (anyone who can reach "
+    "the port can generate)")]
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", help="models:/NAME@alias, models:/NAME/VERSION, runs:/ID/path or a dir")]
 ConfigOpt = Annotated[str | None, typer.Option(
@@ -158,17 +164,25 @@ def serve(
     gpus: Annotated[float, typer.Option(min=0, help="GPUs per replica")] = 0.0,
     config: ConfigOpt = None,
     tracking_uri: TrackingOpt = None,
+    token_file: TokenFileOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Serve a model over HTTP with Ray Serve until Ctrl-C."""
     from orchestration.config import load_config
+    from orchestration.serve.access import access_for
 
+    access = access_for(host, token_file, insecure)  # before Ray: a wide bind needs a token
     uri = _uri_if_needed(model, config, tracking_uri)
     cfg = load_config(config)
     from orchestration.common.ray_runtime import connect
     from orchestration.serve.serving import run_server
 
     connect(cfg)  # the config's Ray address, $RAY_ADDRESS or a local instance
-    typer.echo(f"serving {model} at http://{host}:{port}/ (GET /health; POST JSON "
-               f"{{\"prompt\": \"a red circle\", \"num_images\": 2}}); Ctrl-C stops", err=True)
+
+    def ready(url: str) -> None:
+        typer.echo(f"serving {model} at {access.startup_line(url + '/')} (GET /health; POST "
+                   f"JSON {{\"prompt\": \"a red circle\", \"num_images\": 2}}); Ctrl-C stops",
+                   err=True)
+
     run_server(model, tracking_uri=uri, host=host, port=port, num_replicas=replicas,
-               num_gpus=gpus)
+               num_gpus=gpus, access=access, on_ready=ready)

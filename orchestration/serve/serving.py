@@ -45,6 +45,13 @@ from orchestration.registry.pyfunc_model import (
     encode_png,
     generate_kwargs,
 )
+from orchestration.serve.access import (
+    Access,
+    access_for,
+    bearer_allowed,
+    read_token,
+    wait_until_answering,
+)
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_BATCH_SIZE = 8
@@ -137,7 +144,7 @@ def route_path(request: Request) -> str:
                   max_ongoing_requests=MAX_IN_FLIGHT + HEALTH_SLOTS, max_queued_requests=64)
 class UnCLIPServer:
     def __init__(self, model_uri: str, tracking_uri: str | None = None,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S):
+                 request_timeout_s: float = REQUEST_TIMEOUT_S, token_digest: str | None = None):
         import torch
 
         from models.unclip_pipeline import UnCLIPPipeline
@@ -151,7 +158,8 @@ class UnCLIPServer:
             directory = resolve_model_uri(model_uri, tracking_uri=tracking_uri,
                                           dst_dir=download)
             pipeline = UnCLIPPipeline.load(directory, map_location=device)
-        self._serve(pipeline, model_uri, time.monotonic() - start, request_timeout_s)
+        self._serve(pipeline, model_uri, time.monotonic() - start, request_timeout_s,
+                    token_digest)
 
     @classmethod
     def for_pipeline(cls, pipeline, model_uri: str, *,
@@ -162,13 +170,18 @@ class UnCLIPServer:
         return server
 
     def _serve(self, pipeline, model_uri: str, load_seconds: float,
-               request_timeout_s: float) -> None:
+               request_timeout_s: float, token_digest: str | None = None) -> None:
         self.pipeline, self.model_uri, self.load_seconds = pipeline, model_uri, load_seconds
         self.request_timeout_s = request_timeout_s
+        self.token_digest = token_digest  # SHA-256 of the access token; None: no token asked
         self.in_flight = 0  # generation requests admitted and not yet answered
 
     async def __call__(self, request: Request) -> Response:
         path = route_path(request)
+        if not bearer_allowed(self.token_digest, request.headers.get("authorization")):
+            return _error(401, "this server needs its access token: send the header "
+                               "'Authorization: Bearer <token>'",
+                          {"WWW-Authenticate": "Bearer"})
         if path == "/health":
             return JSONResponse({"status": "ok", "model": self.model_uri,
                                  "load_seconds": round(self.load_seconds, 2),
@@ -291,28 +304,31 @@ def _png_grid(images) -> bytes:
 
 def build_app(model_uri: str, *, tracking_uri: str | None = None, num_replicas: int = 1,
               num_cpus: float = 1.0, num_gpus: float = 0.0,
-              request_timeout_s: float = REQUEST_TIMEOUT_S):
+              request_timeout_s: float = REQUEST_TIMEOUT_S, token_digest: str | None = None):
     # A relative local path would resolve against the replica's working directory.
     local = Path(model_uri).expanduser()
     if "://" not in model_uri and not model_uri.startswith(("models:", "runs:")):
         model_uri = str(local.absolute())
     return UnCLIPServer.options(num_replicas=num_replicas,
                                 ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}
-                                ).bind(model_uri, tracking_uri, request_timeout_s)
+                                ).bind(model_uri, tracking_uri, request_timeout_s, token_digest)
 
 
 def run_server(model_uri: str, *, tracking_uri: str | None = None, host: str = "127.0.0.1",
                port: int = 8000, num_replicas: int = 1, num_cpus: float = 1.0,
                num_gpus: float = 0.0, blocking: bool = True,
-               request_timeout_s: float = REQUEST_TIMEOUT_S) -> str:
+               request_timeout_s: float = REQUEST_TIMEOUT_S, access: Access | None = None,
+               on_ready=None) -> str:
     """Start Serve on host:port (loopback by default) and deploy; returns the base URL.
 
-    The model URI is checked first (an unknown model, version or alias is one RegistryError
-    line, before Ray or Serve start). Connects to Ray first if nothing has (RAY_ADDRESS or a
-    local instance). With blocking, serves until Ctrl-C or SIGTERM and then shuts Serve down.
+    The model URI and the access rule are checked first (an unknown model, version or alias,
+    or a wide bind address without a token, is one line before Ray or Serve start). Connects
+    to Ray first if nothing has (RAY_ADDRESS or a local instance). `on_ready(url)` is called
+    once /health answers. With blocking, serves until Ctrl-C or SIGTERM, then stops Serve.
     """
     from orchestration.registry.registry import check_model_uri
 
+    access = access or access_for(host)
     check_model_uri(model_uri, tracking_uri=tracking_uri)
     connect()  # no-op when already connected
     if blocking:
@@ -320,12 +336,25 @@ def run_server(model_uri: str, *, tracking_uri: str | None = None, host: str = "
     serve.start(http_options={"host": host, "port": port,
                               "request_timeout_s": request_timeout_s + PROXY_TIMEOUT_MARGIN_S})
     serve.run(build_app(model_uri, tracking_uri=tracking_uri, num_replicas=num_replicas,
-                        num_cpus=num_cpus, num_gpus=num_gpus,
-                        request_timeout_s=request_timeout_s), name=APP_NAME, route_prefix="/")
+                        num_cpus=num_cpus, num_gpus=num_gpus, request_timeout_s=request_timeout_s,
+                        token_digest=access.token_digest), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
+    announce_when_answering(url, access, on_ready)
     if blocking:
         serve_until_stopped()
     return url
+
+
+def announce_when_answering(url: str, access: Access, on_ready) -> None:
+    """Call `on_ready(url)` once GET /health answers through the proxy (it answers some
+    seconds after the deployment is up), probing a wildcard bind address on loopback."""
+    if on_ready is None:
+        return
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    probe = f"http://127.0.0.1:{port}" if host in ("0.0.0.0", "::", "[::]") else url
+    token = read_token(access.token_file) if access.token_file else None
+    wait_until_answering(probe, token=token)
+    on_ready(url)
 
 
 def _raise_exit(signum, frame) -> None:

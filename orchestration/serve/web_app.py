@@ -47,7 +47,12 @@ from orchestration.registry.pyfunc_model import (
     generate_kwargs,
 )
 from orchestration.registry.registry import RegistryError
-from orchestration.serve.serving import UnCLIPServer, serve_until_stopped
+from orchestration.serve.access import TOKEN_USER_HINT, Access, access_for, token_matches
+from orchestration.serve.serving import (
+    UnCLIPServer,
+    announce_when_answering,
+    serve_until_stopped,
+)
 from orchestration.stages import stage_names
 
 APP_NAME = "unclip-app"
@@ -509,10 +514,13 @@ class Page:
 @serve.deployment(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 @serve.ingress()
 class UnCLIPWebApp:
-    def __init__(self, model_uris: list[str], tracking_uri: str, host: str):
+    def __init__(self, model_uris: list[str], tracking_uri: str, host: str,
+                 token_digest: str | None = None):
         # The JSON API exactly as `unclip serve` runs it, on the first model; the page shares
         # its pipeline instead of loading a second copy.
-        self.api = UnCLIPServer.func_or_class(model_uris[0], tracking_uri)
+        self.api = UnCLIPServer.func_or_class(model_uris[0], tracking_uri,
+                                              token_digest=token_digest)
+        self.token_digest = token_digest
         self.models = ModelCache(tracking_uri)
         self.models.get(model_uris[0], self.api.pipeline)
         self.model_uris, self.host = model_uris, host
@@ -525,25 +533,36 @@ class UnCLIPWebApp:
         page = Page(self.models, self.model_uris).build()
         page.queue(default_concurrency_limit=1)  # sampling is CPU/GPU-bound: one at a time
         return gr.mount_gradio_app(app, page, path="/", server_name=self.host, css=CSS,
+                                   auth=self._login if self.token_digest else None,
+                                   auth_message=f"Access token: {TOKEN_USER_HINT}.",
                                    show_error=False, footer_links=[], run_history=False,
                                    max_file_size=MAX_UPLOAD, ssr_mode=False, mcp_server=False)
 
 
+    def _login(self, _user: str, password: str) -> bool:
+        return token_matches(self.token_digest, password)
+
+
 def build_web_app(model_uris: list[str], *, tracking_uri: str, host: str = "127.0.0.1",
-                  num_gpus: float = 0.0):
+                  num_gpus: float = 0.0, token_digest: str | None = None):
     return UnCLIPWebApp.options(ray_actor_options={"num_cpus": 1, "num_gpus": num_gpus}
-                                ).bind(model_uris, tracking_uri, host)
+                                ).bind(model_uris, tracking_uri, host, token_digest)
 
 
 def run_web_app(model_uris: list[str], *, tracking_uri: str, host: str = "127.0.0.1",
-                port: int = 8000, num_gpus: float = 0.0, blocking: bool = True) -> str:
-    """Deploy the page + API on host:port (loopback by default); returns the base URL. With
-    blocking, serves until Ctrl-C and then shuts Serve down."""
+                port: int = 8000, num_gpus: float = 0.0, blocking: bool = True,
+                access: Access | None = None, on_ready=None) -> str:
+    """Deploy the page + API on host:port (loopback by default; a wider bind needs a token or
+    an explicit insecure `access`); returns the base URL. `on_ready(url)` is called once
+    /health answers. With blocking, serves until Ctrl-C and then shuts Serve down."""
+    access = access or access_for(host)
     connect()  # no-op when already connected
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_web_app(model_uris, tracking_uri=tracking_uri, host=host,
-                            num_gpus=num_gpus), name=APP_NAME, route_prefix="/")
+                            num_gpus=num_gpus, token_digest=access.token_digest),
+              name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
+    announce_when_answering(url, access, on_ready)
     if blocking:
         serve_until_stopped()
     return url
