@@ -18,7 +18,7 @@ from pathlib import Path
 
 from orchestration.config import load_config, resolve_config_path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # orchestration/jobs/ -> the repository
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 # Storage and MLflow settings a job needs on the cluster: where things are, always passed.
