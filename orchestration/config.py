@@ -75,6 +75,11 @@ class ScalingConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)  # -1: retry forever
+    # How long a run waits for its workers' resources (at start, and after losing a node)
+    # before it fails in one line naming what is missing (each of 1 + max_failures tries);
+    # rerunning continues it. Ray Train alone would wait forever. Leave room for an
+    # autoscaler to add a node.
+    resource_wait_s: float = Field(900.0, gt=0)
     torch_threads: int | None = Field(None, ge=1)  # None: Ray's default (one per worker CPU)
     # STRICT_SPREAD puts every worker on its own node (one worker per node)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestration.common.layout import portable_uri, stage_done
+from orchestration.common.layout import portable_uri, stage_done, trained_steps
 from orchestration.config import load_config
 from orchestration.train.embed_job import run_embed
 from orchestration.train.tasks.base import load_portable
@@ -249,3 +249,37 @@ def test_clip_loss_two_workers_equals_one_worker_with_double_batch():
     # DDP averages gradients over ranks: each rank's local grad * world / world == full grad
     grad_img = np.concatenate([r[2] for r in results]) / 2
     assert np.allclose(grad_img, img.grad.numpy(), atol=1e-6)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_resources_that_never_come_fail_in_one_line_and_a_rerun_continues(tmp_path):
+    """Every CPU is held elsewhere (as after losing a node): the stage waits
+    scaling.resource_wait_s, then fails naming what it waited for, its MLflow run ends FAILED
+    and holds nothing; once the CPUs are free the same command trains."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from orchestration.common.data_check import ensure_dataset
+
+    data, runs = str(tmp_path / "data"), str(tmp_path / "runs")
+    config = load_config(None, tiny_overrides(tmp_path, data, runs, "starved") + [
+        "data.build_shapes_if_missing=true", "clip.steps=2", "scaling.resource_wait_s=3"])
+    ensure_dataset(config)  # its Ray tasks need a CPU too
+    held = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    ray.get(held.ready(), timeout=60)
+    try:
+        with pytest.raises(StageError) as starved:
+            run_stage(config, "clip")
+    finally:
+        remove_placement_group(held)
+    message = str(starved.value)
+    assert message.startswith("clip: waited 3 s for 2 worker(s) of 0.5 CPU (PACK); the "
+                              "cluster has 0 CPU and 0 GPU free on 1 node(s). Add nodes or "
+                              "free resources"), message
+    assert "\n" not in message
+    runs_of_stage = MlflowClient(config.mlflow.tracking_uri).search_runs(
+        [MlflowClient(config.mlflow.tracking_uri).get_experiment_by_name(
+            config.mlflow.experiment).experiment_id])
+    assert [r.info.status for r in runs_of_stage] == ["FAILED"]
+    run_stage(config, "clip")
+    assert trained_steps(config, "clip") == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
 import tempfile
 import time
@@ -137,6 +138,9 @@ def _stage_run(config: Config, stage: str, parent_run_id: str | None, tags: dict
     return run_id
 
 
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
 def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -146,6 +150,8 @@ def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
 
     config, stage = spec.config, spec.task.name
     scaling, stage_config = config.scaling, config.stage(stage)
+    # read by Ray Train's controller, to which the trainer passes this variable on
+    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = f"{scaling.resource_wait_s:g}"
     trainer = TorchTrainer(
         functools.partial(train_worker, spec),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
@@ -157,7 +163,10 @@ def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
             checkpoint_config=CheckpointConfig(num_to_keep=stage_config.keep_checkpoints,
                                                checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            # a worker group that cannot start within resource_wait_s is a controller error,
+            # retried as often as a worker failure, so the run ends instead of waiting forever
+            failure_config=FailureConfig(max_failures=scaling.max_failures,
+                                         controller_failure_limit=scaling.max_failures),
             callbacks=callbacks),
         datasets=datasets,  # test only: each worker opens its own train stream
         dataset_config=DataConfig(datasets_to_split=[]),
@@ -168,7 +177,7 @@ def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
         result = trainer.fit()
     except BaseException as exc:
         client.set_terminated(spec.run_id, status=ended_status(exc))
-        reason = user_facing_reason(exc)
+        reason = user_facing_reason(exc) or resources_never_came(exc, config)
         if reason:
             raise StageError(f"{stage}: {reason}") from None
         raise
@@ -179,6 +188,24 @@ def _fit(spec, datasets: dict, callbacks: list | None, log) -> StageResult:
     log(f"[{stage}] done in {time.monotonic() - start:.0f}s; weights at "
         f"{portable_uri(config, stage)}; MLflow run {spec.run_id}")
     return StageResult(stage, spec.run_id, portable_uri(config, stage), final)
+
+
+def resources_never_came(exc: BaseException, config: Config) -> str | None:
+    """One line for a run whose workers never got their resources within resource_wait_s."""
+    failure = getattr(exc, "controller_failure", None)
+    if type(failure).__name__ != "WorkerGroupStartupTimeoutError":
+        return None
+    import ray
+
+    scaling = config.scaling
+    wanted = f"{scaling.cpus_per_worker:g} CPU" + (" + 1 GPU" if scaling.use_gpu else "")
+    free = ray.available_resources()
+    return (f"waited {scaling.resource_wait_s:g} s for {scaling.num_workers} worker(s) of "
+            f"{wanted} ({scaling.placement_strategy}); the cluster has "
+            f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free on "
+            f"{len([n for n in ray.nodes() if n['Alive']])} node(s). Add nodes or free "
+            "resources (or lower scaling.num_workers), then rerun to continue from the last "
+            "checkpoint; scaling.resource_wait_s sets the wait")
 
 
 def user_facing_reason(exc: BaseException) -> str | None:
