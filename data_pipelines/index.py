@@ -237,6 +237,7 @@ def split_shards(shards: list[ShardCount], num_test: int, seed: int,
         info = splits["test" if shard.rel in test else "train"]
         info.shards.append(shard_entry(target, shard.uri))
         info.num_samples += shard.samples
+        info.shard_samples.append(shard.samples)
     for info in splits.values():
         info.shard_stats = shard_stats([shard_location(target, e) for e in info.shards])
     return splits

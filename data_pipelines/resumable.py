@@ -5,8 +5,12 @@ depends on timing and locality. So each rank builds its own stream from a plan t
 from the seed alone, after the design of MosaicML's StreamingDataset (a seeded partition of
 samples over ranks, plus a record of where each rank is):
 
-- epoch e: the shards are permuted with a generator seeded by (seed, e); rank r takes every
-  `world_size`-th shard of that order, starting at r;
+- epoch e: the shards are permuted with a generator seeded by (seed, e). Where the manifest
+  counts each shard's samples, that order is cut into `world_size` equal runs of samples
+  (a shard may be split between two ranks by row range), so every rank has the same number
+  of samples and an epoch leaves out fewer than world_size * batch_size of them (another
+  random few each epoch; `left_out` names them). Older manifests without counts fall back
+  to whole shards: rank r takes every `world_size`-th shard, starting at r;
 - a rank reads its shards `window_shards` at a time and permutes the samples of a window
   together (seeded by seed, e, r, window), so a dataset ingested class by class (one class
   per shard) still gives mixed batches;
@@ -38,6 +42,9 @@ READ_BLOCK_BYTES = 1 << 20
 WINDOWS_AHEAD = 1
 
 
+Piece = tuple[str, int, int | None]  # a shard URI and the row range a rank reads of it
+
+
 class DataLayoutChanged(RuntimeError):
     """A saved position means nothing in the current data layout."""
 
@@ -60,9 +67,14 @@ class StreamPlan:
     world_size: int
     window_shards: int
     samples_per_shard: float  # average, to count an unreadable shard against the budget
+    shard_samples: tuple[int, ...] | None = None  # per shard; None: ranks take whole shards
 
     def __post_init__(self):
-        if len(self.shard_uris) < self.world_size:
+        if self.shard_samples is not None:
+            if sum(self.shard_samples) < self.world_size:
+                raise ValueError(f"the train split has {sum(self.shard_samples)} samples but "
+                                 f"scaling.num_workers is {self.world_size}; use fewer workers")
+        elif len(self.shard_uris) < self.world_size:
             raise ValueError(
                 f"the train split has {len(self.shard_uris)} shard(s) but scaling.num_workers "
                 f"is {self.world_size}: each worker reads whole shards; rebuild the dataset with "
@@ -71,14 +83,63 @@ class StreamPlan:
     def layout(self) -> dict:
         return {"data": self.data_identity, "shards": len(self.shard_uris),
                 "world_size": self.world_size, "window_shards": self.window_shards,
-                "seed": self.seed}
+                "seed": self.seed,
+                "partition": "samples" if self.shard_samples is not None else "shards"}
 
-    def windows(self, epoch: int, rank: int) -> list[tuple[str, ...]]:
-        """The rank's shards for `epoch`, grouped into windows, in reading order."""
+    def pieces(self, epoch: int, rank: int) -> list[Piece]:
+        """The rank's (shard, first row, end row) for `epoch`, in reading order."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_uris))
-        mine = [self.shard_uris[i] for i in order[rank::self.world_size]]
+        if self.shard_samples is None:
+            return [(self.shard_uris[i], 0, None) for i in order[rank::self.world_size]]
+        per_rank = sum(self.shard_samples) // self.world_size
+        first, end, offset, mine = rank * per_rank, (rank + 1) * per_rank, 0, []
+        for index in order:
+            count = self.shard_samples[index]
+            start, stop = max(first - offset, 0), min(end - offset, count)
+            if start < stop:
+                mine.append((self.shard_uris[index], int(start), int(stop)))
+            offset += count
+            if offset >= end:
+                break
+        return mine
+
+    def windows(self, epoch: int, rank: int) -> list[tuple[Piece, ...]]:
+        """The rank's pieces for `epoch`, grouped into windows, in reading order."""
+        mine = self.pieces(epoch, rank)
         return [tuple(mine[i:i + self.window_shards])
                 for i in range(0, len(mine), self.window_shards)]
+
+    def epoch_order(self, epoch: int, rank: int) -> list[tuple[str, int]]:
+        """(shard, row) of every sample the rank reads in `epoch`, in training order, with
+        all shards readable: the windows' permutations as `read_window` applies them."""
+        if self.shard_samples is None:
+            raise ValueError("a plan without per-shard counts knows no sample order")
+        order = []
+        for window, pieces in enumerate(self.windows(epoch, rank)):
+            rows = [(uri, row) for uri, start, stop in pieces for row in range(start, stop)]
+            permutation = np.random.default_rng([self.seed, epoch, rank, window]).permutation(
+                len(rows))
+            order += [rows[i] for i in permutation]
+        return order
+
+    def samples_per_epoch(self, batch_size: int) -> int:
+        """Samples trained on in an epoch of whole batches (every rank takes as many)."""
+        if self.shard_samples is None:
+            return round(len(self.shard_uris) // self.world_size * self.samples_per_shard
+                         ) // batch_size * batch_size * self.world_size
+        per_rank = sum(self.shard_samples) // self.world_size
+        return per_rank // batch_size * batch_size * self.world_size
+
+    def left_out(self, epoch: int, batch_size: int) -> list[tuple[str, int]]:
+        """(shard, row) of the samples `epoch` does not train on: each rank's last partial
+        batch and the few past an even split. Fewer than world_size * batch_size."""
+        taken = self.samples_per_epoch(batch_size) // self.world_size
+        left = [s for rank in range(self.world_size) for s in self.epoch_order(epoch, rank)[taken:]]
+        shard_order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_uris))
+        tail = sum(self.shard_samples) % self.world_size
+        every = [(self.shard_uris[i], row) for i in shard_order
+                 for row in range(self.shard_samples[i])]
+        return left + (every[-tail:] if tail else [])
 
 
 def layout_difference(saved: dict, current: dict) -> str | None:
@@ -121,14 +182,17 @@ def read_window(item, *, plan: StreamPlan, epoch: int, rank: int, counter=None):
 
     window, skip = item["window"][0].as_py(), item["skip"][0].as_py()
     tables, reasons, lost = [], [], 0
-    for uri in json.loads(item["shards"][0].as_py()):
+    for uri, start, stop in json.loads(item["shards"][0].as_py()):
         table, reason = _read_shard(uri, plan.kind)
+        expected = (stop - start) if stop is not None else int(round(plan.samples_per_shard))
+        if table is not None:
+            table = table.slice(start, (stop - start) if stop is not None else None)
         read = table.num_rows if table is not None else 0
         if read:
             tables.append(table)
-        if reason:  # what an average shard holds, less what could be read, counts as lost
+        if reason:  # what the piece should hold, less what could be read, counts as lost
             reasons.append(reason)
-            lost += max(1, int(round(plan.samples_per_shard)) - read)
+            lost += max(1, expected - read)
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     order = np.random.default_rng([plan.seed, epoch, rank, window]).permutation(table.num_rows)
     table = table.take(pa.array(order[skip:], type=pa.int64()))

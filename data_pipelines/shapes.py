@@ -191,6 +191,7 @@ def build_shapes(out: str, settings: ShapesSettings, *, fmt: ShardFormat = "webd
         info = splits.setdefault(split, SplitInfo())
         info.shards.append(name)
         info.num_samples += count
+        info.shard_samples.append(count)
         held_out_counts[split] = held_out_counts.get(split, 0) + held
     manifest = Manifest(
         format=fmt, splits=splits, source="shapes",

@@ -67,6 +67,9 @@ class SplitInfo:
     # plus "etag" on S3): the user's shards can change after indexing, and training, resume
     # and evaluation must not read other bytes than those counted. Empty for written datasets.
     shard_stats: list[dict] = field(default_factory=list)
+    # samples in each shard, aligned with `shards`: lets training split the train set between
+    # workers by sample rather than by whole shard. Empty in manifests written before it.
+    shard_samples: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -184,6 +187,7 @@ class ShardWriter:
         index = len(self.info.shards)
         self.info.shards.append(write_shard(self.root, self.split, index, self._pending, self.fmt))
         self.info.num_samples += len(self._pending)
+        self.info.shard_samples.append(len(self._pending))
         self._pending = []
 
 
@@ -316,6 +320,8 @@ def manifest_hash(uri: str) -> str:
     numbers a release was scored with, stay comparable)."""
     body = json.loads(resolve(uri).join(MANIFEST_NAME).read_bytes())
     body.pop("created_unix", None)
+    for split in body.get("splits", {}).values():  # derived from the shards' bytes: a dataset
+        split.pop("shard_samples", None)          # rebuilt by a newer version keeps its identity
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -58,13 +58,54 @@ def test_plan_partitions_every_epoch_over_ranks_and_reshuffles_per_epoch():
     plan = _plan(shards, world_size=3, window=2)
     for epoch in range(3):
         taken = [uri for rank in range(3) for window in plan.windows(epoch, rank)
-                 for uri in window]
+                 for uri, _, _ in window]
         assert sorted(taken) == shards  # each shard on exactly one rank
         assert [len(w) for w in plan.windows(epoch, 0)] == [2, 2]  # shards 0, 3, 6, 9
     assert plan.windows(0, 0) != plan.windows(1, 0)
     assert plan.windows(0, 1) == _plan(shards, world_size=3, window=2).windows(0, 1)
     with pytest.raises(ValueError, match="has 10 shard.*num_workers is 11"):
         _plan(shards, world_size=11)
+
+
+def unequal_dataset(uri: str, sizes: list[int]) -> tuple[list[str], list[int]]:
+    """Shards of the given sizes (as img2dataset or an index gives them); sample j of shard
+    i has the key s<i>-<j>. Returns the shard URIs and their counts, as a manifest has them."""
+    root, shards = resolve(uri), []
+    for index, size in enumerate(sizes):
+        samples = [Sample(f"s{index}-{j:03d}", _png(index), "png", f"shard {index}")
+                   for j in range(size)]
+        shards.append(write_shard(root, "train", index, samples, "webdataset"))
+    return [root.join(name).uri for name in shards], sizes
+
+
+def test_unequal_shards_train_every_sample_once_an_epoch_but_the_named_few(tmp_path):
+    """Split by sample, not by shard: 3 ranks get 27 of the 81 samples each (a shard may be
+    cut between two ranks), batches of 4 take 24, and the 9 left are exactly those
+    `left_out` names: fewer than world_size * batch_size, another few each epoch."""
+    uris, sizes = unequal_dataset(str(tmp_path / "d"), [5, 13, 24, 2, 17, 9, 11])
+    world, batch = 3, 4
+    plan = StreamPlan(tuple(uris), "webdataset", "test", 0, world, 2, samples_per_shard=81 / 7,
+                      shard_samples=tuple(sizes))
+    key_of = {(uri, j): f"s{i}-{j:03d}" for i, uri in enumerate(uris) for j in range(sizes[i])}
+    left_by_epoch = []
+    with bad_record_budget(0.0) as counter:
+        for epoch in range(2):
+            start = Position(epoch=epoch)
+            read = {rank: [row[0] for row in _rows(plan, rank, start, counter)]
+                    for rank in range(world)}
+            assert [len(read[rank]) for rank in range(world)] == [27, 27, 27]
+            assert [read[rank] for rank in range(world)] == [
+                [key_of[s] for s in plan.epoch_order(epoch, rank)] for rank in range(world)]
+            trained = [key for rank in range(world) for key in read[rank][:24]]  # drop_last
+            left = sorted(key_of[s] for s in plan.left_out(epoch, batch))
+            assert len(trained) == len(set(trained)) == plan.samples_per_epoch(batch) == 72
+            assert sorted(trained + left) == sorted(key_of.values())  # each sample once
+            assert len(left) == 9 < world * batch
+            left_by_epoch.append(left)
+    assert left_by_epoch[0] != left_by_epoch[1]  # not the same samples left out every epoch
+    cut = [uri for uri in uris if sum(p[0] == uri for r in range(world)
+                                      for p in plan.pieces(0, r)) > 1]
+    assert cut  # at least one shard is read by two ranks, each its own row range
 
 
 def test_two_ranks_read_every_sample_once_and_resume_without_rereading(tmp_path):
@@ -79,7 +120,7 @@ def test_two_ranks_read_every_sample_once_and_resume_without_rereading(tmp_path)
     cut = 48 + 10  # window 1, row 10
     assert full[0][cut][1:3] == (1, 10)
     # the shards of window 0 are gone: a resume past them must not read them
-    for uri in plan.windows(0, 0)[0]:
+    for uri, _, _ in plan.windows(0, 0)[0]:
         resolve(uri).delete()
     assert _rows(plan, 0, Position(0, 1, 10)) == full[0][cut:]
 

@@ -98,17 +98,18 @@ def _embed_split(config: Config, split: str, out, clip_uri: str, counter, log) -
                                "with_tokens": config.data.embed_token_encodings,
                                "use_gpu": config.scaling.use_gpu},
         compute=_actor_pool(config), num_gpus=1 if config.scaling.use_gpu else 0)
-    # about as many embedding shards as image shards: each training worker reads whole
-    # shards, so the prior can run on as many workers as the image stages
+    # about as many embedding shards as image shards, so the prior's workers read as many
+    # shards at a time as the image stages' do
     image_split = read_manifest(config.data.uri).splits[split]
     per_file = max(1, math.ceil(image_split.num_samples / max(1, len(image_split.shards))))
     embedded.write_parquet(target.path, filesystem=target.filesystem,
                            max_rows_per_file=per_file)
     files = [p for p in target.list_files() if p.endswith(".parquet")]
-    rows = sum(pq.ParquetFile(target.filesystem.open_input_file(p)).metadata.num_rows
-               for p in files)
-    log(f"[embed] {split}: {rows} rows in {len(files)} shards at {target.uri}")
-    return {"num_samples": rows, "shards": [p.rsplit("/", 1)[-1] for p in files]}
+    counts = [pq.ParquetFile(target.filesystem.open_input_file(p)).metadata.num_rows
+              for p in files]
+    log(f"[embed] {split}: {sum(counts)} rows in {len(files)} shards at {target.uri}")
+    return {"num_samples": sum(counts), "shards": [p.rsplit("/", 1)[-1] for p in files],
+            "shard_samples": counts}
 
 
 def _seen_by(counter):

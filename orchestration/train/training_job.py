@@ -84,14 +84,31 @@ def run_stage(config: Config, stage: str, *, parent_run_id: str | None = None,
         refuse_changed_layout(config, stage, datasets["train"].plan)
         task.prepare()
         run_id = _stage_run(config, stage, parent_run_id, tags)
+        epoch_samples = _log_epoch_split(config, run_id, datasets["train"].plan,
+                                         task.stage.batch_size, train_samples)
         init_from = (resolve_init_from(task.stage.init_from, config, stage)
                      if task.stage.init_from else None)
         from orchestration.train.train_loop import WorkerSpec
 
         spec = WorkerSpec(config=config, task=type(task), run_id=run_id,
-                          train_samples=train_samples, train_stream=datasets["train"],
+                          train_samples=epoch_samples, train_stream=datasets["train"],
                           init_from=init_from, **worker_options)
         return _fit(spec, {"test": datasets["test"]}, callbacks, log)
+
+
+def _log_epoch_split(config: Config, run_id: str, plan, batch_size: int,
+                     split_samples: int) -> int:
+    """Record what an epoch trains on and leaves for the next (the same every epoch while
+    every shard reads); returns the samples an epoch trains on, what `epoch` counts in."""
+    from orchestration.common.tracking import client_for, log_metrics, set_tags
+
+    trained = plan.samples_per_epoch(batch_size) if plan.shard_samples else split_samples
+    client = client_for(config.mlflow.tracking_uri)
+    log_metrics(client, run_id, {"data/epoch_samples_trained": trained,
+                                 "data/epoch_samples_left": max(0, split_samples - trained)},
+                step=0)
+    set_tags(client, run_id, {"data.partition": plan.layout()["partition"]})
+    return max(1, trained)
 
 
 def refuse_changed_layout(config: Config, stage: str, plan) -> None:

@@ -20,11 +20,15 @@ from orchestration.config import Config
 
 
 def stream_plan(config: Config, shard_uris: list[str], kind: str, identity: str,
-                samples: int) -> StreamPlan:
+                samples: int, shard_samples: list[int] | None = None) -> StreamPlan:
+    """The train split's plan: split between workers by sample where the manifest counts
+    each shard's samples, by whole shard for manifests written before it did."""
+    counts = tuple(shard_samples) if shard_samples and len(shard_samples) == len(shard_uris) \
+        else None
     try:
         return StreamPlan(tuple(shard_uris), kind, identity, config.seed,
                           config.scaling.num_workers, config.data.shuffle_window_shards,
-                          samples / max(1, len(shard_uris)))
+                          samples / max(1, len(shard_uris)), shard_samples=counts)
     except ValueError as exc:
         raise StorageError(str(exc)) from None
 
@@ -35,7 +39,8 @@ def image_datasets(config: Config, columns: tuple[str, ...], counter) -> dict:
     root = resolve(uri)
     split = manifest.splits["train"]
     shards = [shard_location(root, name).uri for name in split.shards]
-    plan = stream_plan(config, shards, manifest.format, manifest_hash(uri), split.num_samples)
+    plan = stream_plan(config, shards, manifest.format, manifest_hash(uri), split.num_samples,
+                       split.shard_samples)
     test = image_caption_dataset(uri, "test", config.data.preprocess, train=False,
                                  seed=config.seed, counter=counter)
     return {"train": TrainStream(plan, columns, config.data.preprocess, counter),
@@ -70,6 +75,7 @@ def embedding_datasets(config: Config, columns: tuple[str, ...]) -> dict:
     manifest = embeddings_manifest(config)
     files = [shard.uri for shard in embedding_shards(config, "train", manifest)]
     identity = plan_identity(json.dumps(manifest, sort_keys=True))
-    samples = manifest["splits"]["train"]["num_samples"]
-    plan = stream_plan(config, files, "embeddings", identity, samples)
+    train = manifest["splits"]["train"]
+    plan = stream_plan(config, files, "embeddings", identity, train["num_samples"],
+                       train.get("shard_samples"))
     return {"train": TrainStream(plan, columns), "test": embedding_split(config, "test")}
