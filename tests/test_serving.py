@@ -308,14 +308,15 @@ def test_services_bind_to_loopback_by_default(server):
     from mlflow.cli import server as mlflow_server
     from mlflow.models.cli import serve as mlflow_models_serve
 
-    from orchestration import cli, registry_cli, serving, web_app
+    from orchestration import cli
+    from orchestration.serve import models_cli, serving, web_app
 
     port = urlparse(server).port
     listening = {c.laddr.ip for c in psutil.net_connections(kind="inet")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
     assert listening == {"127.0.0.1"}
     for function in (serving.run_server, web_app.run_web_app, web_app.build_web_app,
-                     registry_cli.serve, cli.web_app):
+                     models_cli.serve, cli.web_app):
         assert inspect.signature(function).parameters["host"].default == "127.0.0.1", function
     for command in (mlflow_server, mlflow_models_serve):  # what the README tells people to run
         assert {p.name: p.default for p in command.params}["host"] == "127.0.0.1"
