@@ -56,6 +56,10 @@ class DataConfig(Strict):
     # more mixes a class-sorted dataset better, at the cost of memory and of what a resume
     # re-reads (at most one window)
     shuffle_window_shards: int = Field(8, ge=1)
+    # A worker that gets no batch for this long fails in one line naming the CPUs its Ray
+    # Data tasks wait for (e.g. other work or a sweep's other trials hold them), instead of
+    # waiting for ever; the first batch of an epoch reads a whole window, so leave room
+    stall_timeout_s: float = Field(600.0, gt=0)
 
     # `uri` as the user wrote it, before load_config made a relative path absolute: what
     # registered and released metadata record, so they carry no path of the building machine

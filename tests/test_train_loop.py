@@ -262,3 +262,39 @@ def test_loop_logs_model_flops_and_mfu_against_the_configured_peak(tmp_path, dat
         flops = report["tflops_per_s"] * 1e12 * report["step_time_s"]
         assert flops == pytest.approx(expected, rel=1e-6)
         assert report["mfu"] == pytest.approx(report["tflops_per_s"] / 0.5)
+
+
+def test_batches_within_a_deadline_or_one_stalled_line():
+    """A stream that stops producing fails after the stall timeout with the caller's
+    message; a normal one passes through in order; an error in it reaches the loop; an
+    epoch closed early stops the fetching thread."""
+    import threading
+    import time
+
+    from orchestration.train.loop_session import DataStalled, within_deadline
+
+    def stream(count, hang=False, fail=False):
+        yield from range(count)
+        if fail:
+            raise ValueError("broken shard")
+        while hang:
+            time.sleep(0.05)
+
+    assert list(within_deadline(stream(5), 5.0, str)) == [0, 1, 2, 3, 4]
+    hung = within_deadline(stream(2, hang=True), 0.3, lambda s: f"no batch for {s:g} s")
+    assert [next(hung), next(hung)] == [0, 1]
+    with pytest.raises(DataStalled, match=r"^no batch for 0.3 s$"):
+        next(hung)
+    with pytest.raises(ValueError, match="broken shard"):
+        list(within_deadline(stream(3, fail=True), 5.0, str))
+    def fetchers() -> int:
+        return sum(t.name == "batch-fetcher" for t in threading.enumerate())
+
+    early = within_deadline(stream(1000), 5.0, str)
+    assert next(early) == 0
+    running = fetchers()
+    early.close()  # the other ranks ended the epoch
+    deadline = time.monotonic() + 5
+    while fetchers() == running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fetchers() == running - 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -67,9 +68,11 @@ def test_all_stages_on_s3_with_zero_2_and_3(tmp_path, s3_bucket):
     assert shards and all(files == RANK_SHARDS for files in shards)
 
     manifest = run_embed(config)
-    assert manifest["splits"] == {
-        "train": {"num_samples": 160, "shards": manifest["splits"]["train"]["shards"]},
-        "test": {"num_samples": 32, "shards": manifest["splits"]["test"]["shards"]}}
+    splits = manifest["splits"]
+    assert {name: (info["num_samples"], sum(info["shard_samples"]), len(info["shard_samples"]))
+            for name, info in splits.items()} == {
+        "train": (160, 160, len(splits["train"]["shards"])),
+        "test": (32, 32, len(splits["test"]["shards"]))}  # rows counted per embedding shard
 
     zero3 = config.model_copy(update={"deepspeed": config.deepspeed.model_copy(
         update={"zero_stage": 3})})
@@ -195,6 +198,20 @@ def test_a_worker_killed_mid_epoch_costs_no_sample_and_repeats_none(tmp_path):
                        r"layout changed .*\(world_size 2 -> 1\).*set a new run_name"):
         run_stage(load_config("tiny", base + ["run_name=killed", "scaling.num_workers=1"]),
                   "clip")
+    # so would another shuffle window (other windows, other permutations) ...
+    with pytest.raises(StageError, match=r"cannot resume clip of run 'killed': the data "
+                       r"layout changed .*\(window_shards 8 -> 2\).*set a new run_name"):
+        run_stage(load_config("tiny", base + ["run_name=killed", "clip.steps=14",
+                                              "data.shuffle_window_shards=2"]), "clip")
+    # ... and a dataset whose manifest changed under the run (rebuilt, re-indexed)
+    manifest = tmp_path / "shapes" / "manifest.json"
+    original = manifest.read_text()
+    manifest.write_text(original.replace('"source": "', '"source": "rebuilt ', 1))
+    with pytest.raises(StageError, match=r"cannot resume clip of run 'killed': the data "
+                       r"layout changed since its last checkpoint \(data '[0-9a-f]{16}' -> "
+                       r"'[0-9a-f]{16}'\)"):
+        run_stage(load_config("tiny", base + ["run_name=killed", "clip.steps=14"]), "clip")
+    manifest.write_text(original)
 
 
 def _clip_loss_worker(rank: int, world: int, port: int, features, out) -> None:
@@ -283,3 +300,33 @@ def test_resources_that_never_come_fail_in_one_line_and_a_rerun_continues(tmp_pa
     assert [r.info.status for r in runs_of_stage] == ["FAILED"]
     run_stage(config, "clip")
     assert trained_steps(config, "clip") == 2
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_data_tasks_that_cannot_run_fail_in_one_line_instead_of_hanging(tmp_path):
+    """The Train workers are placed but the CPUs their Ray Data tasks need are held by
+    other work (as by a sweep's other trials): the run fails after data.stall_timeout_s in
+    one line naming the CPUs, instead of waiting for ever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from orchestration.common.data_check import ensure_dataset
+
+    data, runs = str(tmp_path / "data"), str(tmp_path / "runs")
+    config = load_config(None, tiny_overrides(tmp_path, data, runs, "stalled") + [
+        "data.build_shapes_if_missing=true", "clip.steps=2", "data.stall_timeout_s=10"])
+    ensure_dataset(config)
+    held = placement_group([{"CPU": ray.cluster_resources()["CPU"] - 1.0}])  # all but the
+    ray.get(held.ready(), timeout=60)                                      # workers' 1 CPU
+    try:
+        with pytest.raises(StageError) as stalled:
+            run_stage(config, "clip")
+    finally:
+        remove_placement_group(held)
+    message = str(stalled.value)
+    assert re.fullmatch(
+        r"clip: worker [01] got no training batch for 10 s: its Ray Data read and decode "
+        r"tasks \(0.5 and 1 CPU each\) cannot run while the cluster has 0 of 2 CPU free "
+        r"\(the 2 Train workers hold 0.5 CPU each\)\. Free CPUs \(other work, a sweep's "
+        r"other trials\), lower scaling.cpus_per_worker or add nodes; "
+        r"data.stall_timeout_s sets the wait", message), message

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,12 +27,13 @@ from data_pipelines.resumable import ROW_COLUMN, WINDOW_COLUMN, Position
 class RaySession:
     """A Ray Train worker: its own resumable train stream, the shared test dataset."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, stall_timeout_s: float = 600.0, worker_cpus: str = ""):
         import ray.train
 
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.stream = stream
+        self.stream, self.stall_timeout_s = stream, stall_timeout_s
+        self.worker_cpus = worker_cpus  # what the Train workers hold, for the stall message
 
     def layout(self) -> dict:
         return self.stream.plan.layout()
@@ -38,8 +41,21 @@ class RaySession:
     def open_epoch(self, start: Position, batch_size: int) -> Iterator[dict]:
         """The rank's numpy batches of `start.epoch`, from `start` on (full batches only)."""
         dataset = self.stream.dataset(self.rank, start)
-        return iter(dataset.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                         drop_last=True, prefetch_batches=2))
+        batches = dataset.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                       drop_last=True, prefetch_batches=2)
+        return within_deadline(batches, self.stall_timeout_s, self._stalled)
+
+    def _stalled(self, waited: float) -> str:
+        import ray
+
+        from data_pipelines.resumable import READ_CPUS
+
+        free, total = ray.available_resources(), ray.cluster_resources()
+        return (f"worker {self.rank} got no training batch for {waited:g} s: its Ray Data "
+                f"read and decode tasks ({READ_CPUS:g} and 1 CPU each) cannot run while the "
+                f"cluster has {free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPU free "
+                f"({self.worker_cpus}). Free CPUs (other work, a sweep's other trials), lower "
+                "scaling.cpus_per_worker or add nodes; data.stall_timeout_s sets the wait")
 
     def test_batches(self, batch_size: int) -> Iterator[dict]:
         import ray.train
@@ -120,6 +136,55 @@ class LocalSession:
 
 class DataExhausted(RuntimeError):
     pass
+
+
+class DataStalled(RuntimeError):
+    """No batch came within the stall timeout: the data tasks cannot be scheduled."""
+
+
+_END = object()
+
+
+def within_deadline(batches: Iterator, timeout_s: float, describe: Callable[[float], str]
+                    ) -> Iterator:
+    """`batches`, fetched one ahead by a thread; DataStalled(describe(timeout_s)) when none
+    arrives within `timeout_s`. Closing the generator (an epoch the other ranks ended) stops
+    the thread and the stream it reads."""
+    handoff, stop = queue.Queue(maxsize=1), threading.Event()
+
+    def offer(item) -> bool:
+        """Hand `item` over unless the consumer has gone (then False)."""
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                handoff.put(item, timeout=0.5)
+                return True
+        return False
+
+    def pump() -> None:
+        try:
+            if all(offer(batch) for batch in batches):
+                offer(_END)
+        except BaseException as exc:  # re-raised in the training thread
+            offer(exc)
+        finally:
+            close = getattr(batches, "close", None)
+            if close:
+                close()
+
+    threading.Thread(target=pump, name="batch-fetcher", daemon=True).start()
+    try:
+        while True:
+            try:
+                item = handoff.get(timeout=timeout_s)
+            except queue.Empty:
+                raise DataStalled(describe(timeout_s)) from None
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the pump stops at its next hand-over and closes the stream
 
 
 class RankStream:

@@ -101,7 +101,10 @@ def train_worker(spec: WorkerSpec, session=None) -> None:
         from orchestration.train.loop_session import RaySession
 
         quiet_library_logs()  # again: Ray Train configures its loggers after the setup hook
-        session = RaySession(spec.train_stream)
+        scaling = spec.config.scaling
+        session = RaySession(spec.train_stream, spec.config.data.stall_timeout_s,
+                             f"the {scaling.num_workers} Train workers hold "
+                             f"{scaling.cpus_per_worker:g} CPU each")
     TrainLoop(spec, session).run()
 
 

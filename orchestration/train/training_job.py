@@ -42,7 +42,7 @@ class StageError(RuntimeError):
 
 
 # worker errors that already say what is wrong and what to do: shown as they are
-USER_FACING_WORKER_ERRORS = ("DataLayoutChanged", "DataExhausted",
+USER_FACING_WORKER_ERRORS = ("DataLayoutChanged", "DataExhausted", "DataStalled",
                              "BadRecordBudgetExceeded", "StorageError")
 
 
