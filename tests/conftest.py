@@ -58,11 +58,11 @@ def ray_session(s3_endpoint):
     """One local Ray instance for the whole run (started after the S3 env is in place)."""
     import ray
 
-    from orchestration.common.ray_runtime import configure_ray_data
-
     # "local": always a fresh instance, never a stale cluster recorded in /tmp/ray
     # with the dashboard, as in `connect`: Train's placement-group cleaner needs the state API
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    from orchestration.common.ray_runtime import configure_ray_data, init_local
+
+    init_local(num_cpus=2, log_to_driver=False)
     configure_ray_data()
     yield ray
     ray.shutdown()

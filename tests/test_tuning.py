@@ -4,6 +4,7 @@ guidance sweep on a tiny registered pipeline (slow)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,8 +140,40 @@ def sweep_overrides(tmp_path) -> list[str]:
             "clip.keep_checkpoints=1", "clip.optim.ema_decay=0.5"]
 
 
+@pytest.fixture
+def stale_current_cluster():
+    """/tmp/ray's "current cluster" names a cluster that is gone (as after `ray start` and
+    `ray stop`, or a killed session): nothing of this run may depend on it."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = path.read_text() if path.exists() else None
+    path.write_text("127.0.0.1:9")  # the discard port: no GCS answers there
+    yield
+    if saved is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(saved)
+
+
+def cpu_groups_left(timeout: float = 60.0) -> list[dict]:
+    """Placement groups still holding CPUs, once Train's cleaners have had time to act."""
+    import time
+
+    from ray.util import placement_group_table
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pg["bundles"] for pg in placement_group_table().values()
+                if pg["state"] != "REMOVED" and any("CPU" in b for b in pg["bundles"].values())]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(1.0)
+
+
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_session")
+@pytest.mark.usefixtures("ray_session", "stale_current_cluster")
 def test_lr_sweep_early_stops_records_divergence_and_writes_best_config(tmp_path, monkeypatch):
     from tuning.lr_sweep import SweepError, run_lr_sweep
 
@@ -161,6 +194,9 @@ def test_lr_sweep_early_stops_records_divergence_and_writes_best_config(tmp_path
     assert by_lr[1e30]["status"] == "diverged" and "nan" in by_lr[1e30]["reason"]
     assert result.counts == {"completed": 1, "stopped_early": 1, "diverged": 1, "error": 0}
     assert result.best["lr"] == 2e-3
+    # the trials stopped early hold nothing afterwards: their Train placement groups (CPUs
+    # the next trial's data tasks need) are removed once their controllers are gone
+    assert cpu_groups_left() == []
 
     client = MlflowClient(config.mlflow.tracking_uri)
     children = client.search_runs(

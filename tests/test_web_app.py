@@ -127,9 +127,16 @@ def test_page_shows_both_models_with_metrics_lineage_and_tuned_guidance(page):
     expect(card_a).to_contain_text(
         "Defaults: decoder guidance 2, ddim sampler, 3 steps (at most 20), 16x16 px")
     expect(card_b).to_contain_text("Defaults: decoder guidance 3.5 (tuned), ddim sampler")
-    expect(card_a.locator("table")).to_contain_text("eval/fd_clip")
+    # headline metrics with readable names first; every raw key folded away below them
+    expect(card_a.locator("table").first).to_contain_text(
+        "Fréchet distance, CLIP space (lower is better)")
     expect(card_a.locator("td").nth(1)).to_have_text("2")
     expect(card_b.locator("td").nth(1)).to_have_text("1.5")
+    expect(card_a.locator("details table")).to_be_hidden()
+    expect(card_a.locator("details table")).to_contain_text("eval/fd_clip")
+    # the captions and results come before the cards
+    boxes = [page.locator(s).bounding_box()["y"] for s in ("#captions", "#strip-A", "#card-A")]
+    assert boxes == sorted(boxes)
     expect(card_a).to_contain_text("Dataset s3://bucket/shapes (manifest sha256:abc123)")
     expect(card_a).to_contain_text("Component runs: clip run-clip, prior run-prior, "
                                    "decoder run-dec")
@@ -150,10 +157,54 @@ def test_captions_make_one_strip_row_per_model(page, tmp_path):
         assert sizes == [[IMAGE_SIZE, IMAGE_SIZE]] * 4
     expect(page.locator("#strip-A")).to_contain_text("a blue square (2/2)")
     expect(page.locator("#strip-B")).to_contain_text("unclip-web@candidate (v2)")
+    red, _, blue, _ = strip_pixels(page, "A")
+    assert red.std() > 5 and blue.std() > 5  # drawn, not blank
+    assert np.abs(red.astype(int) - blue.astype(int)).mean() > 1  # another caption, another image
     shot = tmp_path / "app.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"screenshot: {shot}")
     assert Image.open(shot).format == "PNG"
+
+
+def strip_pixels(page, slot: str) -> list[np.ndarray]:
+    """The strip's images as the browser received them (its session cookie included)."""
+    sources = page.locator(f"#strip-{slot} img").evaluate_all("els => els.map(e => e.src)")
+    return [np.array(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+            for src in sources]
+
+
+def test_the_page_draws_what_the_api_returns_for_the_same_caption_and_seed(page, app_url):
+    from playwright.sync_api import expect
+
+    page.locator("#captions textarea").fill("a green triangle")
+    page.locator("#num-images input").fill("1")
+    page.locator("#seed input").fill("7")
+    page.locator("#steps").get_by_role("textbox").fill("")
+    page.get_by_role("button", name="Generate strip").click()
+    expect(page.locator("#strip-A img")).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(page.locator("#strip-A")).to_contain_text("a green triangle")
+    (shown,) = strip_pixels(page, "A")
+    answer = requests.post(app_url, json={"prompt": "a green triangle", "seed": 7}, headers=AUTH,
+                           timeout=120)
+    assert answer.status_code == 200, answer.text
+    (returned,) = [np.array(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
+                   for text in answer.json()["images"]]
+    assert shown.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and shown.std() > 5
+    np.testing.assert_array_equal(shown, returned)  # model A is the API's model: same pixels
+    page.locator("#seed input").fill("0")
+
+
+def test_only_models_that_generate_are_offered(registry_uri):
+    """A reference evaluator (a CLIP alone) registered beside the pipelines is not listed."""
+    from orchestration.serve.web_app import model_choices
+
+    client = MlflowClient(registry_uri, registry_uri=registry_uri)
+    client.create_registered_model("unclip-web-evaluator")
+    client.create_model_version("unclip-web-evaluator", "runs:/0123/evaluator",
+                                tags={"dataset.manifest_hash": "abc"})
+    client.set_registered_model_alias("unclip-web-evaluator", "current", "1")
+    offered = [uri for _, uri in model_choices(registry_uri, [])]
+    assert offered == [CHAMPION, CANDIDATE, f"models:/{MODEL}/2", f"models:/{MODEL}/1"]
 
 
 @pytest.mark.parametrize(("captions", "num_images", "steps", "message"), [
@@ -247,3 +298,20 @@ def test_variations_interpolation_and_text_diff(tmp_path):
         with pytest.raises(gr.Error) as raised:
             page_errors(handler)(pipeline, "", *sampling, *args)
         assert raised.value.message == message
+
+
+def test_page_and_api_under_load_answer_images_or_busy_and_nothing_else(app_url):
+    """Twice what the app serves, API and page at once (benchmarks/load_test.py for 20 s; its
+    5-minute run on the release is in docs/reliability.md), then more page actions at one
+    moment than its queue holds: every answer is an image or a busy answer, the server
+    still answers."""
+    from load_test import run_burst, run_load, service_time
+
+    seconds = service_time(app_url, TOKEN, 3)
+    steady = run_load(app_url, TOKEN, CHAMPION, duration_s=20, rate_per_s=2 / seconds)
+    assert steady["errors"] == 0, steady["first_errors"]
+    assert steady["api_image"] > 0 and steady["page_image"] > 0, steady
+    burst = run_burst(app_url, TOKEN, CHAMPION, 40)
+    assert burst["errors"] == 0, burst["first_errors"]
+    assert burst["page_busy"] >= 1 and burst["page_image"] >= 1, burst  # the queue is bounded
+    assert requests.get(f"{app_url}/health", headers=AUTH, timeout=60).status_code == 200

@@ -5,6 +5,7 @@ last: it replaces the session's single-node Ray instance with a two-node cluster
 from __future__ import annotations
 
 import json
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,59 +73,112 @@ def _wait_for_registered_checkpoint(experiment_uri: str, step: int,
     raise TimeoutError(f"the step {step} checkpoint was never registered at {snapshot.uri}")
 
 
-def test_two_node_training_survives_losing_a_node(tmp_path, s3_bucket, ray_session):
-    """One worker on each of two nodes, data and checkpoints on S3. The worker node is
-    removed mid-epoch (both workers held at step 4, after step 3's checkpoint) and another
-    joins: Ray Train restarts both workers from step 3, and every step still trains on
-    exactly the samples the plan gives it."""
+@pytest.fixture(scope="module")
+def two_nodes(ray_session):
+    """A head and a worker node (2 CPUs each) in place of the session's Ray instance; the
+    tests replace the worker node as they remove it (`nodes["worker"]`)."""
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    worker_node = cluster.add_node(num_cpus=2)  # 0.5 for the Train worker, the rest for data
+    nodes = {"worker": cluster.add_node(num_cpus=2)}  # 0.5 for the Train worker, the rest data
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        config = load_config("tiny", [
-            f"data.uri={s3_bucket}/shapes", f"storage_root={s3_bucket}/runs", "run_name=mn",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-            "data.shapes.train_size=120", "data.shapes.test_size=16",
-            "data.shapes.samples_per_shard=60", "scaling.num_workers=2",
-            "scaling.cpus_per_worker=0.5", "scaling.placement_strategy=STRICT_SPREAD",
-            "scaling.max_failures=2", "clip.steps=10", "clip.batch_size=8",
-            "clip.log_every=2", "clip.checkpoint_every=3"])
-        log_dir = tmp_path / "samples"
-        pool = ThreadPoolExecutor(1)
-        try:
-            training = pool.submit(run_stage, config, "clip", sample_log=str(log_dir),
-                                   fail_at_step=4, fail_with="stall")
-            _wait_for_step(log_dir, 4, ranks=2)
-            _wait_for_registered_checkpoint(f"{s3_bucket}/runs/mn/clip", 3)
-            cluster.remove_node(worker_node)  # its worker dies with it, mid-epoch
-            cluster.add_node(num_cpus=2)  # resources return
-            result = training.result(timeout=600)
-        finally:
-            pool.shutdown(wait=False)  # on a failure above, the cluster's shutdown ends it
-        assert result.final_metrics["step"] == 10
-        assert result.portable_uri == f"{s3_bucket}/runs/mn/clip/portable"
-        kept = {}
-        for path in sorted(log_dir.glob("rank*.jsonl")):
-            lines = [json.loads(line) for line in path.read_text().splitlines()]
-            steps = [entry["step"] for entry in lines]
-            assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10]  # step 4 redone after the loss
-            for entry in lines:
-                kept.setdefault(path.stem, {})[entry["step"]] = entry["keys"]
-        expected = _expected_keys(config, 10)  # 7 steps of epoch 0 (60 // 8), 3 of epoch 1
-        for rank in (0, 1):
-            steps = kept[f"rank{rank}"]
-            assert sorted(steps) == list(range(1, 11))
-            assert [k for s in range(1, 11) for k in steps[s]] == expected[rank]
-        epoch0 = [k for rank in (0, 1) for s in range(1, 8) for k in kept[f"rank{rank}"][s]]
-        assert len(set(epoch0)) == len(epoch0) == 112  # 2 x 7 batches of 8, none repeated
-        history = MlflowClient(config.mlflow.tracking_uri).get_metric_history(result.run_id,
-                                                                              "loss")
-        assert [m.step for m in history] == [2, 4, 6, 8, 10]
+        yield cluster, nodes
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _config(tmp_path, bucket: str, run_name: str, steps: int = 10):
+    return load_config("tiny", [
+        f"data.uri={bucket}/shapes", f"storage_root={bucket}/runs", f"run_name={run_name}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "data.shapes.train_size=120", "data.shapes.test_size=16",
+        "data.shapes.samples_per_shard=60", "scaling.num_workers=2",
+        "scaling.cpus_per_worker=0.5", "scaling.placement_strategy=STRICT_SPREAD",
+        "scaling.max_failures=2", f"clip.steps={steps}", "clip.batch_size=8",
+        "clip.log_every=2", "clip.checkpoint_every=3"])
+
+
+def _logged(log_dir) -> dict[str, list[dict]]:
+    return {path.stem: [json.loads(line) for line in path.read_text().splitlines()]
+            for path in sorted(log_dir.glob("rank*.jsonl"))}
+
+
+def _kept(log_dir) -> dict[tuple[str, int], list[str]]:
+    """(rank, step) -> the keys of the step's last run: a step redone after a restart
+    replaces the one lost with the node."""
+    return {(rank, entry["step"]): entry["keys"]
+            for rank, lines in _logged(log_dir).items() for entry in lines}
+
+
+def _run_losing_the_worker_node(cluster, nodes, config, log_dir, *, at_step: int,
+                                graceful: bool, **faults):
+    """Train while the worker node is removed once every rank has logged `at_step`
+    (gracefully, or with its raylet and workers SIGKILLed); a new node joins at once."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        training = pool.submit(run_stage, config, "clip", sample_log=str(log_dir), **faults)
+        _wait_for_step(log_dir, at_step, ranks=2)
+        if graceful:
+            _wait_for_registered_checkpoint(f"{config.storage_root}/{config.run_name}/clip", 3)
+        assert not training.done(), "training ended before the node was lost"
+        cluster.remove_node(nodes["worker"], allow_graceful=graceful)
+        nodes["worker"] = cluster.add_node(num_cpus=2)  # resources return
+        return training.result(timeout=600)
+    finally:
+        pool.shutdown(wait=False)  # on a failure above, the cluster's shutdown ends it
+
+
+def test_two_node_training_survives_losing_a_node(tmp_path, s3_bucket, two_nodes):
+    """One worker on each of two nodes, data and checkpoints on S3. The worker node is
+    removed mid-epoch (both workers held at step 4, after step 3's checkpoint) and another
+    joins: Ray Train restarts both workers from step 3, and every step still trains on
+    exactly the samples the plan gives it."""
+    cluster, nodes = two_nodes
+    config = _config(tmp_path, s3_bucket, "mn")
+    log_dir = tmp_path / "samples"
+    result = _run_losing_the_worker_node(cluster, nodes, config, log_dir, at_step=4,
+                                         graceful=True, fail_at_step=4, fail_with="stall")
+    assert result.final_metrics["step"] == 10
+    assert result.portable_uri == f"{s3_bucket}/runs/mn/clip/portable"
+    for lines in _logged(log_dir).values():  # step 4 redone after the loss
+        assert [entry["step"] for entry in lines] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10]
+    kept = _kept(log_dir)
+    expected = _expected_keys(config, 10)  # 7 steps of epoch 0 (60 // 8), 3 of epoch 1
+    for rank in (0, 1):
+        assert [k for s in range(1, 11) for k in kept[(f"rank{rank}", s)]] == expected[rank]
+    epoch0 = [k for rank in (0, 1) for s in range(1, 8) for k in kept[(f"rank{rank}", s)]]
+    assert len(set(epoch0)) == len(epoch0) == 112  # 2 x 7 batches of 8, none repeated
+    history = MlflowClient(config.mlflow.tracking_uri).get_metric_history(result.run_id,
+                                                                          "loss")
+    assert [m.step for m in history] == [2, 4, 6, 8, 10]
+
+
+def test_a_node_killed_hard_at_a_random_step_loses_and_repeats_no_sample(tmp_path, s3_bucket,
+                                                                         two_nodes):
+    """The worker node's raylet and workers SIGKILLed (no graceful shutdown) at a random
+    step, not a prepared one: every (rank, step) trains on the keys an uninterrupted run on
+    the same cluster trained on, and MLflow has each logged step once."""
+    cluster, nodes = two_nodes
+    seed = time.time_ns()
+    at_step = random.Random(seed).randint(2, 9)
+    steps = 14
+    straight = _config(tmp_path, s3_bucket, "straight", steps)
+    assert run_stage(straight, "clip", sample_log=str(tmp_path / "straight")
+                     ).final_metrics["step"] == steps
+    config = _config(tmp_path, s3_bucket, "hard", steps)
+    result = _run_losing_the_worker_node(cluster, nodes, config, tmp_path / "hard",
+                                         at_step=at_step, graceful=False)
+    context = f"node killed once every rank had logged step {at_step} (seed {seed})"
+    assert result.final_metrics["step"] == steps, context
+    reference, kept = _kept(tmp_path / "straight"), _kept(tmp_path / "hard")
+    assert sorted(kept) == sorted(reference) == [(f"rank{r}", s) for r in (0, 1)
+                                                 for s in range(1, steps + 1)], context
+    assert kept == reference, context
+    history = MlflowClient(config.mlflow.tracking_uri).get_metric_history(result.run_id,
+                                                                          "loss")
+    assert [m.step for m in history] == list(range(2, steps + 1, 2)), context

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +62,33 @@ def _init(config: Config | None) -> None:
     # one machine is never drained or preempted: no watcher actor (and no error-level line
     # about its restart arguments); workers of a local instance inherit this environment
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # keep the dashboard: Ray's state API needs it, and Train's placement-group cleaner
-    # uses that API to free a stopped run's CPUs (without it a stopped Tune trial's
-    # placement group can outlive the trial)
-    ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
+    init_local(num_cpus=num_cpus, logging_level=logging.WARNING,
+               runtime_env={"worker_process_setup_hook": SETUP_HOOK})
+
+
+def init_local(*, runtime_env: dict | None = None, **init_kwargs) -> None:
+    """A new local Ray instance whose workers find its state API.
+
+    Train's placement-group cleaner (a detached actor that frees a stopped run's CPUs, e.g.
+    a Tune trial stopped early) asks the state API whether the run's controller still
+    lives. With no address it looks up "the current cluster" in /tmp/ray, which names the
+    last cluster `ray start` or another session left there, not this instance: the lookup
+    fails, the cleaner's thread dies and the placement group outlives the trial, holding
+    CPUs that the next trial's data tasks then wait for. So the dashboard (which serves
+    the state API) gets a known loopback port, and every worker is told it."""
+    port = _free_loopback_port()
+    env = {**(runtime_env or {}).get("env_vars", {}),
+           "RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}"}
+    ray.init(address="local", include_dashboard=True,
              dashboard_host=LOOPBACK,  # Ray's default too; said here so it stays so
-             runtime_env={"worker_process_setup_hook": SETUP_HOOK})
+             dashboard_port=port, runtime_env={**(runtime_env or {}), "env_vars": env},
+             **init_kwargs)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,18 @@ MAX_STRIP_COLUMNS = 8
 FRAMES_RANGE = (2, 8)
 TEXT_DIFF_MAX_RATIO = 0.5  # Ramesh et al. 2022, fig. 5 go up to 0.5
 MAX_UPLOAD = "10mb"
+# actions waiting for the one sampler; past that Gradio's page says "This application is
+# currently busy. Please try again." instead of queueing without end
+PAGE_QUEUE_SIZE = 16
+# (metric key, what a person reads): the card's headline rows, in this order, where present
+HEADLINE_METRICS = (
+    ("attr_colour_shape", "Colour and shape right"),
+    ("attr_colour", "Colour right"),
+    ("attr_shape", "Shape right"),
+    ("r_precision", "R-precision (its caption ranked first)"),
+    ("clip_score", "CLIP score"),
+    ("fd_clip", "Fréchet distance, CLIP space (lower is better)"),
+)
 NO_MODEL = ""  # picker value: leave slot B empty
 # Path -> methods. POST / is the API and GET / falls through to the page; on the other two
 # UnCLIPServer answers every method itself (405 with its reason), as under `unclip serve`.
@@ -86,14 +98,21 @@ def model_choices(tracking_uri: str, extra: list[str]) -> list[tuple[str, str]]:
     choices = []
     for found in client.search_registered_models(max_results=100):
         name = found.name
+        versions = sorted((int(mv.version) for mv in
+                           client.search_model_versions(f"name = '{name}'")
+                           if can_generate(mv)), reverse=True)
         aliases = client.get_registered_model(name).aliases or {}
         choices += [(f"{name} @{alias} (v{version})", f"models:/{name}@{alias}")
-                    for alias, version in sorted(aliases.items())]
-        versions = sorted((int(mv.version) for mv in
-                           client.search_model_versions(f"name = '{name}'")), reverse=True)
+                    for alias, version in sorted(aliases.items()) if int(version) in versions]
         choices += [(f"{name} v{version}", f"models:/{name}/{version}") for version in versions]
     listed = {uri for _, uri in choices}
     return [(uri, uri) for uri in extra if uri not in listed] + choices
+
+
+def can_generate(model_version) -> bool:
+    """Whether a registered version is a text-to-image pipeline: `register_pipeline` records
+    the run it came from; a reference evaluator (a CLIP alone) has no such tag."""
+    return registry.SOURCE_RUN_TAG in (model_version.tags or {})
 
 
 def registry_version(tracking_uri: str, uri: str):
@@ -141,11 +160,26 @@ def _checked_uri(uri: str, tracking_uri: str) -> str:
 
 
 def _metrics_table(version) -> list[str]:
+    """A few headline metrics with readable names and their 95% intervals; every metric in a
+    folded table below them."""
     metrics = registry.version_metrics(version)
     if not metrics:
         return ["No evaluation metrics on this version."]
-    return ["| metric | value |", "|---|---|",
-            *(f"| {name} | {value:.4g} |" for name, value in sorted(metrics.items()))]
+    headline = [_headline_row(label, metrics, key) for key, label in HEADLINE_METRICS]
+    full = ["<details><summary>All metrics</summary>\n", "| metric | value |", "|---|---|",
+            *(f"| {name} | {value:.4g} |" for name, value in sorted(metrics.items())),
+            "\n</details>"]
+    return ["| headline | value [95% interval] |", "|---|---|",
+            *(row for row in headline if row), "", *full]
+
+
+def _headline_row(label: str, metrics: dict, key: str) -> str | None:
+    found = next((k for k in (f"eval/{key}", key) if k in metrics), None)
+    if found is None:
+        return None
+    low, high = metrics.get(f"{found}_lo"), metrics.get(f"{found}_hi")
+    interval = f" [{low:.3g}, {high:.3g}]" if low is not None and high is not None else ""
+    return f"| {label} | **{metrics[found]:.3g}**{interval} |"
 
 
 def _lineage(tags: dict) -> list[str]:
@@ -371,6 +405,12 @@ def page_errors(handler: Callable) -> Callable:
             return handler(*args)
         except (InvalidRequest, RegistryError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as exc:  # anything else still says what went wrong, in one line
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise gr.Error(f"{type(exc).__name__}: {first}" if first else type(exc).__name__,
+                           print_exception=True) from None
 
     return wrapper
 
@@ -426,13 +466,9 @@ class Page:
                         "side by side), then generate. Each result is a strip: one row per "
                         "model. The JSON API answers at this address too (POST /, GET /health).")
             with gr.Row(equal_height=False):
-                pickers, cards = [], []
-                for slot, uri in (("A", first), ("B", second)):
-                    with gr.Column():
-                        pickers.append(gr.Dropdown(label=f"Model {slot}", value=uri,
-                                                   choices=[(uri, uri)], elem_id=f"pick-{slot}"))
-                        cards.append(gr.Markdown(elem_id=f"card-{slot}",
-                                                 elem_classes="card"))
+                pickers = [gr.Dropdown(label=f"Model {slot}", value=uri, choices=[(uri, uri)],
+                                       elem_id=f"pick-{slot}")
+                           for slot, uri in (("A", first), ("B", second))]
             with gr.Row():
                 num_images = gr.Number(1, label="Images per caption (num_images, 1 to 8)",
                                        elem_id="num-images")
@@ -451,6 +487,10 @@ class Page:
             self._tabs([*pickers, num_images, seed, sampler, steps, guidance], strips)
             for gallery in strips:
                 gallery.render()
+            # what each model is comes after what it draws: headline metrics, all folded below
+            with gr.Row(equal_height=False):
+                cards = [gr.Markdown(elem_id=f"card-{slot}", elem_classes="card")
+                         for slot in "AB"]
             for picker, card in zip(pickers, cards, strict=True):
                 picker.change(page_errors(self.card), picker, card)
             page.load(page_errors(self.refresh), pickers, [*pickers, *cards])
@@ -531,7 +571,8 @@ class UnCLIPWebApp:
         for path, methods in JSON_ROUTES.items():
             app.add_route(path, self.api.__call__, methods=methods)
         page = Page(self.models, self.model_uris).build()
-        page.queue(default_concurrency_limit=1)  # sampling is CPU/GPU-bound: one at a time
+        # sampling is CPU/GPU-bound: one at a time, and a bounded line of waiting actions
+        page.queue(default_concurrency_limit=1, max_size=PAGE_QUEUE_SIZE)
         return gr.mount_gradio_app(app, page, path="/", server_name=self.host, css=CSS,
                                    auth=self._login if self.token_digest else None,
                                    auth_message=f"Access token: {TOKEN_USER_HINT}.",
