@@ -97,9 +97,10 @@ def page_request(client, models: tuple[str, str], prompt: str, tally: Tally) -> 
     tally.add("page", "image" if images else "error", time.monotonic() - start, repr(strips))
 
 
-def run_load(url: str, token: str, model_uri: str, *, duration_s: float, rate_per_s: float,
-             seed: int = 0, timeout: float = 120.0) -> dict:
-    """Poisson arrivals at `rate_per_s` for `duration_s`, alternately API and page; waits
+def run_load(url: str, token: str, models: tuple[str, str], *, duration_s: float,
+             rate_per_s: float, seed: int = 0, timeout: float = 120.0) -> dict:
+    """Poisson arrivals at `rate_per_s` for `duration_s`, alternately API and page (its two
+    pickers set to `models`, as the page starts: B is "" when it shows one model); waits
     for every answer. Returns the tally's summary."""
     from gradio_client import Client
 
@@ -109,7 +110,7 @@ def run_load(url: str, token: str, model_uri: str, *, duration_s: float, rate_pe
     def page(prompt):
         if not hasattr(clients, "client"):
             clients.client = Client(url + "/", auth=("load", token), verbose=False)
-        page_request(clients.client, (model_uri, ""), prompt, tally)
+        page_request(clients.client, models, prompt, tally)
 
     with ThreadPoolExecutor(max_workers=64) as pool:
         deadline, sent = time.monotonic() + duration_s, 0
@@ -124,16 +125,16 @@ def run_load(url: str, token: str, model_uri: str, *, duration_s: float, rate_pe
     return tally.summary()
 
 
-def run_burst(url: str, token: str, model_uri: str, count: int) -> dict:
+def run_burst(url: str, token: str, models: tuple[str, str], count: int) -> dict:
     """`count` page actions at the same moment: more than the page's queue holds."""
     from gradio_client import Client
 
     tally, barrier = Tally(), threading.Barrier(count)
+    clients = [Client(url + "/", auth=("load", token), verbose=False) for _ in range(count)]
 
     def one(i):
-        client = Client(url + "/", auth=("load", token), verbose=False)
-        barrier.wait()
-        page_request(client, (model_uri, ""), PROMPTS[i % len(PROMPTS)], tally)
+        barrier.wait()  # every client logged in first: the actions arrive together
+        page_request(clients[i], models, PROMPTS[i % len(PROMPTS)], tally)
 
     with ThreadPoolExecutor(max_workers=count) as pool:
         list(pool.map(one, range(count)))
@@ -207,7 +208,7 @@ def main() -> None:
         print(f"capacity about {1 / seconds:.2f} images/s; sending {rate:.2f} requests/s "
               f"for {args.duration:g} s", flush=True)
         start = time.monotonic()
-        result = run_load(url, token, model, duration_s=args.duration, rate_per_s=rate)
+        result = run_load(url, token, (model, ""), duration_s=args.duration, rate_per_s=rate)
         health = requests.get(f"{url}/health", timeout=60,
                               headers={"Authorization": f"Bearer {token}"})
         report = {"model": args.model, "duration_s": args.duration, "load": args.load,
