@@ -268,28 +268,34 @@ def test_clip_loss_two_workers_equals_one_worker_with_double_batch():
     assert np.allclose(grad_img, img.grad.numpy(), atol=1e-6)
 
 
-@pytest.mark.usefixtures("ray_session")
-def test_resources_that_never_come_fail_in_one_line_and_a_rerun_continues(tmp_path):
-    """Every CPU is held elsewhere (as after losing a node): the stage waits
-    scaling.resource_wait_s, then fails naming what it waited for, its MLflow run ends FAILED
-    and holds nothing; once the CPUs are free the same command trains."""
+def starved_run(tmp_path, run_name: str, held_cpus_but: float, *overrides: str):
+    """A built dataset, then every CPU but `held_cpus_but` held by other work (a placement
+    group) while the clip stage runs: returns the config and the StageError it ended in."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from orchestration.common.data_check import ensure_dataset
 
     data, runs = str(tmp_path / "data"), str(tmp_path / "runs")
-    config = load_config(None, tiny_overrides(tmp_path, data, runs, "starved") + [
-        "data.build_shapes_if_missing=true", "clip.steps=2", "scaling.resource_wait_s=3"])
+    config = load_config(None, tiny_overrides(tmp_path, data, runs, run_name) + [
+        "data.build_shapes_if_missing=true", "clip.steps=2", *overrides])
     ensure_dataset(config)  # its Ray tasks need a CPU too
-    held = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    held = placement_group([{"CPU": ray.cluster_resources()["CPU"] - held_cpus_but}])
     ray.get(held.ready(), timeout=60)
     try:
-        with pytest.raises(StageError) as starved:
+        with pytest.raises(StageError) as failed:
             run_stage(config, "clip")
     finally:
         remove_placement_group(held)
-    message = str(starved.value)
+    return config, str(failed.value)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_resources_that_never_come_fail_in_one_line_and_a_rerun_continues(tmp_path):
+    """Every CPU is held elsewhere (as after losing a node): the stage waits
+    scaling.resource_wait_s, then fails naming what it waited for, its MLflow run ends FAILED
+    and holds nothing; once the CPUs are free the same command trains."""
+    config, message = starved_run(tmp_path, "starved", 0.0, "scaling.resource_wait_s=3")
     assert message.startswith("clip: waited 3 s for 2 worker(s) of 0.5 CPU (PACK); the "
                               "cluster has 0 CPU and 0 GPU free on 1 node(s). Add nodes or "
                               "free resources"), message
@@ -307,23 +313,7 @@ def test_data_tasks_that_cannot_run_fail_in_one_line_instead_of_hanging(tmp_path
     """The Train workers are placed but the CPUs their Ray Data tasks need are held by
     other work (as by a sweep's other trials): the run fails after data.stall_timeout_s in
     one line naming the CPUs, instead of waiting for ever."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    from orchestration.common.data_check import ensure_dataset
-
-    data, runs = str(tmp_path / "data"), str(tmp_path / "runs")
-    config = load_config(None, tiny_overrides(tmp_path, data, runs, "stalled") + [
-        "data.build_shapes_if_missing=true", "clip.steps=2", "data.stall_timeout_s=10"])
-    ensure_dataset(config)
-    held = placement_group([{"CPU": ray.cluster_resources()["CPU"] - 1.0}])  # all but the
-    ray.get(held.ready(), timeout=60)                                      # workers' 1 CPU
-    try:
-        with pytest.raises(StageError) as stalled:
-            run_stage(config, "clip")
-    finally:
-        remove_placement_group(held)
-    message = str(stalled.value)
+    _, message = starved_run(tmp_path, "stalled", 1.0, "data.stall_timeout_s=10")
     assert re.fullmatch(
         r"clip: worker [01] got no training batch for 10 s: its Ray Data read and decode "
         r"tasks \(0.5 and 1 CPU each\) cannot run while the cluster has 0 of 2 CPU free "
