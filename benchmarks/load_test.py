@@ -187,14 +187,15 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    import ray
     import requests
     from ray import serve
 
     from orchestration.serve.access import access_for
     from orchestration.serve.web_app import run_web_app
     token = secrets.token_hex(16)
-    ray.init(address="local", log_to_driver=False)
+    from orchestration.common.ray_runtime import init_local
+
+    init_local(log_to_driver=False)  # as `unclip app` starts Ray
     with tempfile.TemporaryDirectory() as tmp:
         token_file = Path(tmp) / "token"
         token_file.write_text(token)

@@ -125,8 +125,7 @@ class StreamPlan:
     def samples_per_epoch(self, batch_size: int) -> int:
         """Samples trained on in an epoch of whole batches (every rank takes as many)."""
         if self.shard_samples is None:
-            return round(len(self.shard_uris) // self.world_size * self.samples_per_shard
-                         ) // batch_size * batch_size * self.world_size
+            raise ValueError("a plan without per-shard counts knows no exact epoch size")
         per_rank = sum(self.shard_samples) // self.world_size
         return per_rank // batch_size * batch_size * self.world_size
 
